@@ -1,0 +1,1 @@
+"""fp-outbox's Alembic history, installed as the package `outbox.migrations`."""

@@ -1,0 +1,10 @@
+"""fp-outbox: write analytics events inside your database transaction; a separate worker delivers them.
+
+Applications import only this package; it needs SQLAlchemy and a PostgreSQL driver, never an HTTP client.
+"""
+
+from outbox.enqueue import enqueue, enqueue_many, identify
+from outbox.validation import MAX_EVENT_BYTES, InvalidEvent
+
+__all__ = ["InvalidEvent", "MAX_EVENT_BYTES", "enqueue", "enqueue_many", "identify"]
+__version__ = "0.1.0"

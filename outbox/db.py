@@ -1,0 +1,75 @@
+"""Database URLs and engines for the worker and the admin command, and the schema upgrade."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from outbox.schema import VERSION_TABLE
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+if not MIGRATIONS_DIR.is_dir():  # running from a checkout without an install: migrations/ at the top
+    MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+class ConfigError(Exception):
+    """A setting that is missing or wrong; the message says which and what to do."""
+
+
+def database_url(flag: str | None = None, environ: dict[str, str] | None = None) -> URL:
+    """The database URL from the flag, else FP_OUTBOX_DATABASE_URL, else DATABASE_URL."""
+    env = os.environ if environ is None else environ
+    raw = flag or env.get("FP_OUTBOX_DATABASE_URL") or env.get("DATABASE_URL")
+    if not raw:
+        raise ConfigError(
+            "no database URL: pass --database-url or set FP_OUTBOX_DATABASE_URL (or DATABASE_URL), "
+            "e.g. postgresql://user@127.0.0.1:5432/app"
+        )
+    return normalise_url(raw)
+
+
+def normalise_url(raw: str) -> URL:
+    """Parse a SQLAlchemy URL; plain postgresql:// (or postgres://) means the psycopg 3 driver."""
+    try:
+        url = make_url(raw.replace("postgres://", "postgresql://", 1) if raw.startswith("postgres://") else raw)
+    except ArgumentError:
+        raise ConfigError(
+            "the database URL is not a valid SQLAlchemy URL; expected postgresql://user@host:port/dbname"
+        ) from None
+    if url.get_backend_name() != "postgresql":
+        raise ConfigError(
+            f"fp-outbox needs PostgreSQL, but the database URL is for {url.get_backend_name()!r}; "
+            "use a postgresql:// URL"
+        )
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def make_engine(url: URL, **kwargs) -> Engine:
+    """An engine that checks connections before use, so a restarted server costs one retry, not a crash."""
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("connect_args", {"connect_timeout": 10, "application_name": "fp-outbox"})
+    return create_engine(url, **kwargs)
+
+
+def alembic_config(url: URL):
+    """Alembic configuration for the outbox's own history, from the installed package."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("version_table", VERSION_TABLE)
+    config.attributes["database_url"] = url
+    return config
+
+
+def upgrade(url: URL, revision: str = "head") -> None:
+    """Create or upgrade the outbox schema to `revision`."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)

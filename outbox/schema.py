@@ -1,0 +1,70 @@
+"""The outbox table, defined once as SQLAlchemy metadata; the migrations and the worker's SQL agree with it."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+#: Alembic keeps the outbox's history in its own version table, so an application that uses
+#: Alembic itself can run both histories in one database without them touching each other.
+VERSION_TABLE = "fp_outbox_alembic_version"
+
+#: The channel `enqueue` notifies at commit, so an idle worker wakes at once instead of polling.
+NOTIFY_CHANNEL = "fp_outbox"
+
+STATUSES = ("pending", "in_flight", "delivered", "dead")
+
+metadata = MetaData()
+
+events = Table(
+    "fp_outbox_events",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("insert_id", Text, nullable=False),
+    Column("event_name", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # While pending: when the row may be sent. While in flight: equal to lease_until, so one
+    # index range serves both new rows and rows whose worker died.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("lease_owner", Text),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("last_status", SmallInteger),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("delivered_at", DateTime(timezone=True)),
+    Column("dead_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "status IN ('pending', 'in_flight', 'delivered', 'dead')", name="fp_outbox_events_status_check"
+    ),
+    # The claim query's index: only deliverable rows, so delivered and dead rows kept for
+    # auditing never make claiming slower.
+    Index(
+        "fp_outbox_events_due_idx",
+        "next_attempt_at",
+        postgresql_where=text("status IN ('pending', 'in_flight')"),
+    ),
+)
+
+# One row per database: the global rate limiter's "theoretical arrival time" (GCRA), shared by
+# every worker so that together they stay under the requests-per-second cap.
+rate_limiter = Table(
+    "fp_outbox_rate_limiter",
+    metadata,
+    Column("id", SmallInteger, primary_key=True),
+    Column("next_free_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,1 @@
+"""fp-outbox's delivery daemon: claim due rows, send them to /track, settle the outcomes."""

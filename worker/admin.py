@@ -1,0 +1,83 @@
+"""`fp-outbox`: the admin command (migrate, status) and the development tools (sink, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sqlalchemy import text
+
+from outbox.db import ConfigError, database_url, make_engine, upgrade
+from worker import queries
+from worker.embedded import database_flag
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"fp-outbox {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fp-outbox", description="Administer an fp-outbox database.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
+    _database_flag(migrate)
+    migrate.add_argument("--revision", default="head", help="target revision (default: head)")
+    migrate.set_defaults(run=cmd_migrate)
+
+    status = commands.add_parser("status", help="counts per status and the lag")
+    _database_flag(status)
+    status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    status.set_defaults(run=cmd_status)
+    return parser
+
+
+def _database_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", help="SQLAlchemy URL (env FP_OUTBOX_DATABASE_URL, else DATABASE_URL)")
+    parser.add_argument("--embedded", action="store_true",
+                        help="use fp-outbox's own embedded PostgreSQL (development; needs the 'embedded' extra)")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    with database_flag(args) as flag:
+        url = database_url(flag)
+        upgrade(url, args.revision)
+    print(f"fp-outbox: schema at {args.revision} on {url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def status_counts(engine) -> dict[str, float | int | None]:
+    """pending, in_flight, delivered, dead and oldest_pending_age_s, read in one statement."""
+    with engine.connect() as conn:
+        row = conn.execute(queries.STATUS_COUNTS).mappings().one()
+    return {key: (int(value) if key != "oldest_pending_age_s" and value is not None else value)
+            for key, value in row.items()}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with database_flag(args) as flag:
+        engine = make_engine(database_url(flag))
+        try:
+            counts = status_counts(engine)
+        finally:
+            engine.dispose()
+    if args.json:
+        print(json.dumps(counts))
+        return 0
+    age = counts["oldest_pending_age_s"]
+    rows = [(key, f"{counts[key]:,}") for key in ("pending", "in_flight", "delivered", "dead")]
+    rows.append(("oldest pending age", "-" if age is None else f"{age:,.1f} s"))
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value:>12}")
+    return 0

@@ -1,0 +1,59 @@
+"""`fp-outbox-worker`: settings, logging and signals around the worker loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from outbox.db import ConfigError
+from worker import logs
+from worker.embedded import database_flag
+from worker.settings import Settings, build_parser, from_args
+
+log = logging.getLogger("fp_outbox.worker")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the worker; exit 2 on bad configuration, 1 if the database never answered, 0 otherwise."""
+    args = build_parser().parse_args(argv)
+    try:
+        with database_flag(args) as url:
+            args.database_url = url
+            return _run(from_args(args))
+    except ConfigError as exc:
+        print(f"fp-outbox-worker: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(settings: Settings) -> int:
+    logs.configure(settings.log_format)
+    from worker.loop import StartupError, Worker  # after settings: a config error needs no imports
+
+    worker = Worker(settings)
+    _install_signal_handlers(worker)
+    try:
+        return worker.run()
+    except ConfigError as exc:
+        logs.event(log, logging.ERROR, str(exc))
+        return 2
+    except StartupError as exc:
+        logs.event(log, logging.ERROR, str(exc))
+        return 1
+
+
+def _install_signal_handlers(worker) -> None:
+    def first(signum, _frame) -> None:
+        logs.event(log, logging.INFO, "stopping: finishing or releasing in-flight events",
+                   signal=signal.Signals(signum).name)
+        worker.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, again)
+
+    def again(signum, _frame) -> None:
+        # A second signal means "now": the leases bring back whatever was in flight.
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, first)

@@ -1,0 +1,119 @@
+"""Every SQL statement of the queue cycle, named, each with why it is shaped so."""
+
+from sqlalchemy import text
+
+# One statement claims, leases and counts the attempt. The partial index serves the subquery;
+# SKIP LOCKED lets any number of workers claim side by side; an expired lease is just an
+# in_flight row whose next_attempt_at (= lease_until) has passed, so crashed work needs no rescuer.
+# The token is filled in here so the worker can send the stored JSON text as-is.
+CLAIM_BATCH = text(
+    """
+    UPDATE fp_outbox_events AS e
+       SET status = 'in_flight',
+           attempts = e.attempts + 1,
+           lease_owner = :owner,
+           lease_until = now() + make_interval(secs => :lease_s),
+           next_attempt_at = now() + make_interval(secs => :lease_s)
+      FROM (SELECT id FROM fp_outbox_events
+             WHERE status IN ('pending', 'in_flight') AND next_attempt_at <= now()
+             ORDER BY next_attempt_at
+             LIMIT :limit
+               FOR UPDATE SKIP LOCKED) AS due
+     WHERE e.id = due.id
+ RETURNING e.id, e.attempts,
+           (CASE WHEN CAST(:token AS text) IS NOT NULL
+                      AND jsonb_typeof(e.payload -> 'properties' -> 'token') IS DISTINCT FROM 'string'
+                 THEN jsonb_set(e.payload, '{properties,token}', to_jsonb(CAST(:token AS text)))
+                 ELSE e.payload END)::text AS body,
+           jsonb_typeof(e.payload -> 'properties' -> 'token') = 'string'
+               OR CAST(:token AS text) IS NOT NULL AS has_token
+    """
+)
+
+# Settling only touches rows this worker still holds (owner and status checked): a row whose
+# lease expired and was taken by another worker is that worker's to settle, never ours.
+MARK_DELIVERED = text(
+    """
+    UPDATE fp_outbox_events AS e
+       SET status = 'delivered', delivered_at = now(), lease_owner = NULL, lease_until = NULL,
+           last_status = u.http_status, last_error = NULL
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS smallint[])) AS u(id, http_status)
+     WHERE e.id = u.id AND e.lease_owner = :owner AND e.status = 'in_flight'
+    """
+)
+
+# Back to pending with the durable backoff computed by the worker; the delay travels as seconds
+# so the database clock (shared by every worker) sets the time.
+SCHEDULE_RETRY = text(
+    """
+    UPDATE fp_outbox_events AS e
+       SET status = 'pending', lease_owner = NULL, lease_until = NULL,
+           next_attempt_at = now() + make_interval(secs => u.delay_s),
+           last_status = u.http_status, last_error = u.error
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]),
+                  CAST(:statuses AS smallint[]), CAST(:errors AS text[])) AS u(id, delay_s, http_status, error)
+     WHERE e.id = u.id AND e.lease_owner = :owner AND e.status = 'in_flight'
+    """
+)
+
+# Dead rows leave the partial index, so they cost the claim nothing; the reason stays for operators.
+MARK_DEAD = text(
+    """
+    UPDATE fp_outbox_events AS e
+       SET status = 'dead', dead_at = now(), lease_owner = NULL, lease_until = NULL,
+           last_status = u.http_status, last_error = u.error
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS smallint[]), CAST(:errors AS text[]))
+           AS u(id, http_status, error)
+     WHERE e.id = u.id AND e.lease_owner = :owner AND e.status = 'in_flight'
+    """
+)
+
+# On shutdown, hand back what was claimed but not finished, due at once, and give back the
+# attempt it was charged: it was never (fully) tried, and waiting out the lease helps nobody.
+RELEASE = text(
+    """
+    UPDATE fp_outbox_events
+       SET status = 'pending', lease_owner = NULL, lease_until = NULL, next_attempt_at = now(),
+           attempts = greatest(attempts - 1, 0)
+     WHERE id = ANY(CAST(:ids AS bigint[])) AND lease_owner = :owner AND status = 'in_flight'
+    """
+)
+
+# --drain's question, answered from the partial index alone.
+ANY_UNFINISHED = text(
+    "SELECT EXISTS (SELECT 1 FROM fp_outbox_events WHERE status IN ('pending', 'in_flight'))"
+)
+
+# GCRA on one shared row: each grant pushes the shared "next free" instant forward by n/rate,
+# and the caller waits until its slice starts. The database clock is the one clock all hosts share.
+ACQUIRE_PERMITS = text(
+    """
+    INSERT INTO fp_outbox_rate_limiter AS r (id, next_free_at)
+    VALUES (1, clock_timestamp() + make_interval(secs => :span_s))
+    ON CONFLICT (id) DO UPDATE
+       SET next_free_at = greatest(r.next_free_at, clock_timestamp()) + make_interval(secs => :span_s)
+ RETURNING extract(epoch FROM r.next_free_at - clock_timestamp())::float8 - :span_s AS wait_s
+    """
+)
+
+# A 429 slows every worker, not just the one that got it: nobody may start before the pause ends.
+PAUSE_ALL = text(
+    """
+    INSERT INTO fp_outbox_rate_limiter AS r (id, next_free_at)
+    VALUES (1, clock_timestamp() + make_interval(secs => :pause_s))
+    ON CONFLICT (id) DO UPDATE
+       SET next_free_at = greatest(r.next_free_at, clock_timestamp() + make_interval(secs => :pause_s))
+    """
+)
+
+# The admin status: counts per status and the age of the oldest event not yet settled.
+STATUS_COUNTS = text(
+    """
+    SELECT (SELECT count(*) FROM fp_outbox_events WHERE status = 'pending') AS pending,
+           (SELECT count(*) FROM fp_outbox_events WHERE status = 'in_flight') AS in_flight,
+           (SELECT count(*) FROM fp_outbox_events WHERE status = 'delivered') AS delivered,
+           (SELECT count(*) FROM fp_outbox_events WHERE status = 'dead') AS dead,
+           (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8
+              FROM fp_outbox_events WHERE status IN ('pending', 'in_flight')) AS oldest_pending_age_s
+    """
+)

@@ -1,0 +1,148 @@
+"""The worker's configuration: one frozen Settings, built once from flags and environment, validated there."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy.engine import URL
+
+from outbox.db import ConfigError, database_url
+from worker.policy import Backoff
+
+DEFAULT_ENDPOINT = "https://api.perfalytics.com/track"
+
+# (flag, environment variable, default, type, help): one table, so the README and --help agree.
+OPTIONS: list[tuple[str, str | None, object, type, str]] = [
+    ("--endpoint", "FP_OUTBOX_ENDPOINT", DEFAULT_ENDPOINT, str, "the /track URL events are POSTed to"),
+    ("--rate-limit", "FP_OUTBOX_RATE_LIMIT", 5000.0, float, "requests/s for all workers on this database together"),
+    ("--concurrency", "FP_OUTBOX_CONCURRENCY", 32, int, "requests in flight at once in this worker"),
+    ("--connect-timeout", "FP_OUTBOX_CONNECT_TIMEOUT", 3.05, float, "seconds to open a connection"),
+    ("--read-timeout", "FP_OUTBOX_READ_TIMEOUT", 10.0, float, "seconds to wait for an answer"),
+    ("--inline-attempts", "FP_OUTBOX_INLINE_ATTEMPTS", 3, int, "quick in-process tries per claim"),
+    ("--max-attempts", "FP_OUTBOX_MAX_ATTEMPTS", 25, int, "claims before an event is dead"),
+    ("--retry-base", "FP_OUTBOX_RETRY_BASE", 1.0, float, "seconds: first durable retry delay"),
+    ("--retry-cap", "FP_OUTBOX_RETRY_CAP", 3600.0, float, "seconds: longest durable retry delay"),
+    ("--retry-after-cap", "FP_OUTBOX_RETRY_AFTER_CAP", 600.0, float, "seconds: most a Retry-After is honoured"),
+    ("--poll-interval", "FP_OUTBOX_POLL_INTERVAL", 1.0, float, "seconds between polls when no notification came"),
+    ("--startup-timeout", "FP_OUTBOX_STARTUP_TIMEOUT", 60.0, float, "seconds to keep trying to reach the database at start"),
+    ("--log-format", "FP_OUTBOX_LOG_FORMAT", "text", str, "text (key=value) or json"),
+]
+
+# Inline retries wait 0.1 s, 0.2 s, 0.4 s ... at most this long each; longer waits go to the row.
+INLINE_WAIT_CAP = 1.0
+SHUTDOWN_GRACE = timedelta(seconds=20)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: URL
+    endpoint: str
+    token: str | None = field(repr=False)
+    rate_limit: float
+    concurrency: int
+    connect_timeout: float
+    read_timeout: float
+    inline_attempts: int
+    backoff: Backoff
+    poll_interval: timedelta
+    startup_timeout: timedelta
+    drain: bool = False
+    log_format: str = "text"
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+
+    @property
+    def send_budget(self) -> timedelta:
+        """The longest one claimed event can take in this worker: every inline try timing out."""
+        tries = self.inline_attempts * (self.connect_timeout + self.read_timeout)
+        waits = (self.inline_attempts - 1) * INLINE_WAIT_CAP
+        return timedelta(seconds=tries + waits)
+
+    @property
+    def lease(self) -> timedelta:
+        """Derived from the send budget, so a live worker's lease never runs out under it."""
+        budget = self.send_budget
+        return budget + max(timedelta(seconds=5), budget / 2)
+
+
+def build_parser(prog: str = "fp-outbox-worker") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Deliver fp-outbox events to Freshpaint's /track.")
+    parser.add_argument("--database-url", help="SQLAlchemy URL (env FP_OUTBOX_DATABASE_URL, else DATABASE_URL)")
+    parser.add_argument("--token", help="environment id filled into events that carry none (env FP_OUTBOX_TOKEN)")
+    for flag, env, default, _type, text in OPTIONS:
+        parser.add_argument(flag, help=f"{text} (env {env}; default {default})")
+    parser.add_argument("--drain", action="store_true", help="exit 0 once no event is pending or in flight")
+    parser.add_argument("--embedded", action="store_true",
+                        help="use fp-outbox's own embedded PostgreSQL (development; needs the 'embedded' extra)")
+    return parser
+
+
+def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    """Flags win over environment variables, which win over defaults. Raises ConfigError."""
+    env = os.environ if environ is None else environ
+    values = {flag[2:].replace("-", "_"): _value(args, env, flag, var, default, kind)
+              for flag, var, default, kind, _ in OPTIONS}
+    token = args.token or env.get("FP_OUTBOX_TOKEN") or None
+    settings = Settings(
+        database_url=database_url(args.database_url, env),
+        endpoint=_check_endpoint(values["endpoint"]),
+        token=token,
+        rate_limit=_positive("--rate-limit", values["rate_limit"]),
+        concurrency=int(_positive("--concurrency", values["concurrency"])),
+        connect_timeout=_positive("--connect-timeout", values["connect_timeout"]),
+        read_timeout=_positive("--read-timeout", values["read_timeout"]),
+        inline_attempts=int(_positive("--inline-attempts", values["inline_attempts"])),
+        backoff=Backoff(
+            max_attempts=int(_positive("--max-attempts", values["max_attempts"])),
+            base=timedelta(seconds=_positive("--retry-base", values["retry_base"])),
+            cap=timedelta(seconds=_positive("--retry-cap", values["retry_cap"])),
+            retry_after_cap=timedelta(seconds=_positive("--retry-after-cap", values["retry_after_cap"])),
+        ),
+        poll_interval=timedelta(seconds=_positive("--poll-interval", values["poll_interval"])),
+        startup_timeout=timedelta(seconds=_positive("--startup-timeout", values["startup_timeout"])),
+        drain=bool(args.drain),
+        log_format=_choice("--log-format", values["log_format"], ("text", "json")),
+    )
+    if settings.backoff.cap < settings.backoff.base:
+        raise ConfigError("--retry-cap must be at least --retry-base; raise the cap or lower the base")
+    return settings
+
+
+def _value(args: argparse.Namespace, env, flag: str, var: str, default, kind: type):
+    raw = getattr(args, flag[2:].replace("-", "_"), None)
+    source = flag
+    if raw is None and env.get(var):
+        raw, source = env[var], var
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{source} must be a {kind.__name__}, got {raw!r}") from None
+
+
+def _positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise ConfigError(f"{name} must be greater than 0, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _check_endpoint(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--endpoint must be an http(s) URL such as {DEFAULT_ENDPOINT}, got {url!r}")
+    if parts.username or parts.password or parts.query:
+        raise ConfigError("--endpoint must not carry credentials or a query; pass the token with --token")
+    return url

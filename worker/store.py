@@ -1,0 +1,94 @@
+"""The worker's side of the database: claim, settle, release and the rate limiter, with driver errors
+translated in one place into DatabaseUnavailable."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from worker import queries
+
+log = logging.getLogger("fp_outbox.worker")
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or dropped the connection; try again later."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    attempts: int
+    body: str
+    has_token: bool
+
+
+@contextlib.contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """A short transaction; connection-level failures become DatabaseUnavailable."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except (OperationalError, InterfaceError) as exc:
+        raise DatabaseUnavailable(_describe(exc)) from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise DatabaseUnavailable(_describe(exc)) from exc
+        raise
+
+
+class Store:
+    """Named operations of the queue cycle for one worker (its lease owner id)."""
+
+    def __init__(self, engine: Engine, owner: str, lease_seconds: float, token: str | None) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self._token = token
+
+    def claim(self, limit: int) -> list[Claimed]:
+        params = {"owner": self.owner, "lease_s": self.lease_seconds, "limit": limit, "token": self._token}
+        with transaction(self.engine) as conn:
+            rows = conn.execute(queries.CLAIM_BATCH, params).all()
+        return [Claimed(row.id, row.attempts, row.body, bool(row.has_token)) for row in rows]
+
+    def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
+        return self._update(queries.MARK_DELIVERED, ids=ids, statuses=statuses)
+
+    def schedule_retry(self, ids: list[int], delays: list[float], statuses: list[int | None], errors: list[str]) -> int:
+        return self._update(queries.SCHEDULE_RETRY, ids=ids, delays=delays, statuses=statuses, errors=errors)
+
+    def mark_dead(self, ids: list[int], statuses: list[int | None], errors: list[str]) -> int:
+        return self._update(queries.MARK_DEAD, ids=ids, statuses=statuses, errors=errors)
+
+    def release(self, ids: list[int]) -> int:
+        return self._update(queries.RELEASE, ids=ids)
+
+    def anything_unfinished(self) -> bool:
+        with transaction(self.engine) as conn:
+            return bool(conn.execute(queries.ANY_UNFINISHED).scalar())
+
+    def acquire_permits(self, count: int, rate: float) -> float:
+        """Reserve `count` requests of the shared budget; returns seconds to wait before sending."""
+        with transaction(self.engine) as conn:
+            return float(conn.execute(queries.ACQUIRE_PERMITS, {"span_s": count / rate}).scalar())
+
+    def pause_all(self, seconds: float) -> None:
+        with transaction(self.engine) as conn:
+            conn.execute(queries.PAUSE_ALL, {"pause_s": seconds})
+
+    def _update(self, statement, **params) -> int:
+        if not params["ids"]:
+            return 0
+        with transaction(self.engine) as conn:
+            return conn.execute(statement, {"owner": self.owner, **params}).rowcount
+
+
+def _describe(exc: DBAPIError) -> str:
+    text = str(exc.orig or exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
