@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-
-from sqlalchemy import text
 
 from outbox.db import ConfigError, database_url, make_engine, upgrade
 from worker import queries
@@ -39,7 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     _database_flag(status)
     status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     status.set_defaults(run=cmd_status)
+
+    sink = commands.add_parser("sink", help="a local /track receiver for development")
+    sink.set_defaults(run=_lazy("worker.sink"))
+    _arguments_from(sink, "worker.sink")
+
+    demo = commands.add_parser("demo", help="the whole job on an embedded database, with a verdict")
+    demo.set_defaults(run=_lazy("worker.demo"))
+    _arguments_from(demo, "worker.demo")
     return parser
+
+
+def _lazy(module: str):
+    """Import development tools only when their command runs."""
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module).run(args)
+    return run
+
+
+def _arguments_from(parser: argparse.ArgumentParser, module: str) -> None:
+    importlib.import_module(module).add_arguments(parser)
 
 
 def _database_flag(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import random
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -156,6 +157,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that dies mid-request (a killed worker) is expected here, not an error to print.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _handler_for(sink: Sink) -> type[BaseHTTPRequestHandler]:
