@@ -63,7 +63,10 @@ def _check_time(value: Any, now: float | None) -> float | int:
             f"'properties.time' must be epoch seconds as a number, got {_show(value)}; "
             "leave it out to use the current time"
         )
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except (OverflowError, ValueError):  # 10**400, Decimal("sNaN")
+        seconds = math.nan
     if not math.isfinite(seconds):
         raise InvalidEvent(f"'properties.time' must be a finite number of epoch seconds, got {value!r}")
     if not EARLIEST_EVENT_TIME <= seconds <= current + MAX_FUTURE_SECONDS:
@@ -96,6 +99,8 @@ def _json_default(value: Any) -> Any:
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, Mapping):
+        return dict(value)
     if isinstance(value, (set, frozenset)):
         raise TypeError("a set has no order in JSON; pass a list")
     raise TypeError(f"{type(value).__name__} is not JSON-serializable")

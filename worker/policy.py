@@ -98,7 +98,7 @@ class Backoff:
 
     def delay(self, attempts: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
         """Seconds until the next attempt after `attempts` failed ones; Retry-After is a (capped) minimum."""
-        ceiling = min(self.cap.total_seconds(), self.base.total_seconds() * 2 ** max(0, attempts - 1))
+        ceiling = min(self.cap.total_seconds(), self.base.total_seconds() * 2 ** min(max(0, attempts - 1), 64))
         jittered = ceiling * (0.5 + 0.5 * (rng or random).random())  # "equal jitter": never under half
         if retry_after is not None:
             jittered = max(jittered, min(retry_after, self.retry_after_cap.total_seconds()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import uuid
@@ -98,12 +99,12 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         inline_attempts=int(_positive("--inline-attempts", values["inline_attempts"])),
         backoff=Backoff(
             max_attempts=int(_positive("--max-attempts", values["max_attempts"])),
-            base=timedelta(seconds=_positive("--retry-base", values["retry_base"])),
-            cap=timedelta(seconds=_positive("--retry-cap", values["retry_cap"])),
-            retry_after_cap=timedelta(seconds=_positive("--retry-after-cap", values["retry_after_cap"])),
+            base=_duration("--retry-base", values["retry_base"]),
+            cap=_duration("--retry-cap", values["retry_cap"]),
+            retry_after_cap=_duration("--retry-after-cap", values["retry_after_cap"]),
         ),
-        poll_interval=timedelta(seconds=_positive("--poll-interval", values["poll_interval"])),
-        startup_timeout=timedelta(seconds=_positive("--startup-timeout", values["startup_timeout"])),
+        poll_interval=_duration("--poll-interval", values["poll_interval"]),
+        startup_timeout=_duration("--startup-timeout", values["startup_timeout"]),
         drain=bool(args.drain),
         log_format=_choice("--log-format", values["log_format"], ("text", "json")),
     )
@@ -126,9 +127,16 @@ def _value(args: argparse.Namespace, env, flag: str, var: str, default, kind: ty
 
 
 def _positive(name: str, value: float) -> float:
-    if not value > 0:
-        raise ConfigError(f"{name} must be greater than 0, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number greater than 0, got {value!r}")
     return value
+
+
+def _duration(name: str, value: float) -> timedelta:
+    try:
+        return timedelta(seconds=_positive(name, value))
+    except OverflowError:
+        raise ConfigError(f"{name} is too large to be a duration: {value!r} seconds") from None
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts run by hand, each printing a table and writing its figures to bench/results/."""

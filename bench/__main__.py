@@ -1,0 +1,176 @@
+"""python -m bench {enqueue,drain} [--database-url URL]: figures against a baseline measured in the same run.
+
+Without --database-url (or FP_OUTBOX_DATABASE_URL) an embedded PostgreSQL is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+import outbox
+from outbox.db import make_engine, normalise_url, upgrade
+from worker.sink import Sink
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _event(i: int) -> dict:
+    return {"event": "Purchase", "properties": {"distinct_id": f"user-{i % 1000}", "price": 500, "sku": f"sku-{i}"}}
+
+
+def bench_enqueue(engine, args) -> dict:
+    """Median time one enqueue adds to a committed transaction, against a bare JSON insert."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS bench_bare (id bigserial PRIMARY KEY, payload jsonb NOT NULL)"))
+    insert_bare = text("INSERT INTO bench_bare (payload) VALUES (CAST(:p AS jsonb))")
+    payload = json.dumps(_event(0))
+
+    def bare(session, i):
+        session.execute(insert_bare, {"p": payload})
+
+    def with_outbox(session, i):
+        outbox.enqueue(session, _event(i))
+
+    timings = {}
+    for name, body in (("bare insert", bare), ("enqueue", with_outbox)) * 2:  # interleaved, twice
+        samples = timings.setdefault(name, [])
+        with Session(engine) as session:
+            for i in range(args.transactions):
+                started = time.perf_counter()
+                body(session, i)
+                session.commit()
+                samples.append(time.perf_counter() - started)
+    bare_ms = statistics.median(timings["bare insert"]) * 1e3
+    enqueue_ms = statistics.median(timings["enqueue"]) * 1e3
+    many = []
+    for _ in range(5):
+        events = [_event(i) for i in range(1000)]
+        with Session(engine) as session:
+            started = time.perf_counter()
+            outbox.enqueue_many(session, events)
+            session.commit()
+            many.append(time.perf_counter() - started)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_events, bench_bare"))
+    return {
+        "bare_insert_txn_median_ms": round(bare_ms, 3),
+        "enqueue_txn_median_ms": round(enqueue_ms, 3),
+        "enqueue_vs_bare": round(enqueue_ms / bare_ms, 3),
+        "enqueue_many_1000_events_per_s": round(1000 / statistics.median(many)),
+    }
+
+
+def bench_drain(engine, url: str, args) -> dict:
+    """Events/s and CPU per event of one worker draining a backlog, against a plain requests loop."""
+    with Sink(burst_limit=None, latency=args.latency_ms / 1000) as sink:
+        loop = _plain_loop(sink.url, args.events, args.concurrency)
+        with engine.begin() as conn:
+            conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+        for start in range(0, args.events, 1000):
+            with Session(engine) as session:
+                outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
+                session.commit()
+        sink.clear()
+        cpu_before = _children_cpu()
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url,
+                        "--token", "bench-token", "--drain", "--concurrency", str(args.concurrency)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+        elapsed = time.perf_counter() - started
+        cpu = _children_cpu() - cpu_before
+        delivered = sink.counts()["distinct_insert_ids"]
+    assert delivered == args.events, f"only {delivered} of {args.events} arrived"
+    worker_rate = args.events / elapsed
+    return {
+        "events": args.events, "concurrency": args.concurrency, "receiver_latency_ms": args.latency_ms,
+        "plain_loop_events_per_s": round(loop["rate"]), "plain_loop_cpu_ms_per_event": round(loop["cpu_ms"], 3),
+        "worker_events_per_s": round(worker_rate), "worker_cpu_ms_per_event": round(cpu / args.events * 1e3, 3),
+        "worker_vs_loop_rate": round(worker_rate / loop["rate"], 3),
+        "worker_vs_loop_cpu": round(cpu / args.events * 1e3 / loop["cpu_ms"], 3),
+    }
+
+
+PLAIN_LOOP = r"""
+import json, resource, sys, threading, time, requests
+url, n, c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+bodies = [json.dumps({"event": "Purchase", "properties": {"distinct_id": f"user-{i % 1000}", "price": 500,
+          "sku": f"sku-{i}", "token": "bench-token", "time": 1.7e9, "$insert_id": f"loop-{i}"}}).encode() for i in range(n)]
+it, lock = iter(bodies), threading.Lock()
+def run():
+    s = requests.Session(); s.headers["Content-Type"] = "application/json"
+    while True:
+        with lock:
+            b = next(it, None)
+        if b is None:
+            return
+        s.post(url, data=b, timeout=(3.05, 10)).raise_for_status()
+t = time.perf_counter(); threads = [threading.Thread(target=run) for _ in range(c)]
+[x.start() for x in threads]; [x.join() for x in threads]
+r = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu": r.ru_utime + r.ru_stime}))
+"""
+
+
+def _plain_loop(url: str, events: int, concurrency: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", PLAIN_LOOP, url, str(events), str(concurrency)],
+                         check=True, capture_output=True, text=True, timeout=1800)
+    figures = json.loads(out.stdout)
+    return {"rate": events / figures["seconds"], "cpu_ms": figures["cpu"] / events * 1e3}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def _database(args):
+    raw = args.database_url or os.environ.get("FP_OUTBOX_DATABASE_URL")
+    if raw:
+        url = normalise_url(raw)
+        upgrade(url)
+        yield url
+        return
+    from worker.embedded import embedded_database
+
+    with tempfile.TemporaryDirectory() as scratch, embedded_database(Path(scratch) / "pg", delete=True) as url:
+        yield url
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("which", choices=["enqueue", "drain"])
+    parser.add_argument("--database-url")
+    parser.add_argument("--transactions", type=int, default=2000, help="enqueue: transactions per variant")
+    parser.add_argument("--events", type=int, default=20000, help="drain: backlog size")
+    parser.add_argument("--concurrency", type=int, default=32, help="drain: requests in flight")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="drain: receiver answer delay")
+    args = parser.parse_args()
+    with _database(args) as url:
+        engine = make_engine(url)
+        figures = (bench_enqueue(engine, args) if args.which == "enqueue"
+                   else bench_drain(engine, url.render_as_string(hide_password=False), args))
+        engine.dispose()
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.which}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""The retry policy (pure, no I/O): what each HTTP answer or error means, Retry-After, backoff, redaction."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from datetime import timedelta
+
+import pytest
+import requests
+from requests.structures import CaseInsensitiveDict
+
+from worker.policy import (
+    EXCERPT_CHARS,
+    Backoff,
+    Dead,
+    Delivered,
+    Retry,
+    classify_exception,
+    classify_response,
+    excerpt_of,
+    parse_retry_after,
+    redact,
+)
+
+NOW = 1_700_000_000.0  # a fixed clock for HTTP-date Retry-After
+
+
+# ---------------------------------------------------------------- responses
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
+def test_2xx_is_delivered(status):
+    assert classify_response(status, {}, "ok") == Delivered(status)
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504, 599, 301, 302, 307, 308])
+def test_transient_answers_are_retried(status):
+    outcome = classify_response(status, {}, "try later", now=NOW)
+    assert isinstance(outcome, Retry)
+    assert outcome.status == status
+    assert str(status) in outcome.reason
+    assert outcome.retry_after is None
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 409, 410, 413, 415, 422, 451])
+def test_other_4xx_are_dead_with_status_and_excerpt(status):
+    outcome = classify_response(status, {}, '{"error": "bad token"}', now=NOW)
+    assert isinstance(outcome, Dead)
+    assert outcome.status == status
+    assert str(status) in outcome.reason
+    assert '{"error": "bad token"}' in outcome.reason
+
+
+def test_retry_after_on_4xx_does_not_make_it_retryable():
+    assert isinstance(classify_response(400, {"Retry-After": "5"}, "bad", now=NOW), Dead)
+
+
+def test_long_body_is_cut_to_excerpt_chars():
+    body = "<html>" + "x" * 10_000 + "</html>"
+    outcome = classify_response(400, {}, body, now=NOW)
+    assert isinstance(outcome, Dead)
+    excerpt = outcome.reason.removeprefix("HTTP 400: ")
+    assert len(excerpt) == EXCERPT_CHARS
+    assert excerpt.startswith("<html>xxx")
+    assert len(outcome.reason) <= len("HTTP 400: ") + EXCERPT_CHARS
+
+
+def test_short_body_is_kept_whole_and_whitespace_folded():
+    assert excerpt_of("line one\n\n   line two\t") == "line one line two"
+    assert excerpt_of("x" * EXCERPT_CHARS) == "x" * EXCERPT_CHARS
+    assert len(excerpt_of("x" * (EXCERPT_CHARS + 1))) == EXCERPT_CHARS
+
+
+def test_empty_body_still_names_the_status():
+    outcome = classify_response(404, {}, "", now=NOW)
+    assert outcome == Dead("HTTP 404", 404)
+    retry = classify_response(503, None, "", now=NOW)
+    assert isinstance(retry, Retry) and retry.reason == "HTTP 503"
+
+
+# ---------------------------------------------------------------- Retry-After
+
+HTTP_DATE_IN_120_S = email.utils.formatdate(NOW + 120, usegmt=True)
+HTTP_DATE_IN_PAST = email.utils.formatdate(NOW - 3600, usegmt=True)
+
+RETRY_AFTER = [
+    ("seconds", "120", 120.0),
+    ("zero seconds", "0", 0.0),
+    ("seconds with spaces", " 30 ", 30.0),
+    ("HTTP date", HTTP_DATE_IN_120_S, 120.0),
+    ("HTTP date in the past", HTTP_DATE_IN_PAST, 0.0),
+    ("absent", None, None),
+    ("empty", "", None),
+    ("words", "soon", None),
+    ("negative", "-5", None),
+    ("fraction", "1.5", None),
+    ("date without a zone", "Wed, 21 Oct 2015 07:28:00", None),
+    ("garbage date", "Wed, 99 Foo 2015 07:28:00 GMT", None),
+]
+
+
+@pytest.mark.parametrize("value, expected", [c[1:] for c in RETRY_AFTER], ids=[c[0] for c in RETRY_AFTER])
+def test_parse_retry_after(value, expected):
+    assert parse_retry_after(value, now=NOW) == expected
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_carried_uncapped_on_the_outcome(status):
+    outcome = classify_response(status, {"Retry-After": "86400"}, "slow down", now=NOW)
+    assert outcome == Retry(f"HTTP {status}: slow down", status, 86400.0)
+
+
+def test_retry_after_as_http_date_on_the_outcome():
+    outcome = classify_response(429, {"Retry-After": HTTP_DATE_IN_120_S}, "", now=NOW)
+    assert isinstance(outcome, Retry) and outcome.retry_after == 120.0
+
+
+def test_retry_after_header_lookup_ignores_case_as_requests_gives_it():
+    headers = CaseInsensitiveDict({"retry-after": "7"})
+    assert classify_response(429, headers, "", now=NOW).retry_after == 7.0
+
+
+def test_unreadable_retry_after_means_none():
+    assert classify_response(503, {"Retry-After": "whenever"}, "", now=NOW).retry_after is None
+
+
+def test_classify_a_real_requests_response():
+    response = requests.models.Response()
+    response.status_code = 429
+    response.headers = CaseInsensitiveDict({"Retry-After": "3"})
+    response._content = b"rate limited"
+    outcome = classify_response(response.status_code, response.headers, response.text, now=NOW)
+    assert outcome == Retry("HTTP 429: rate limited", 429, 3.0)
+
+
+# ---------------------------------------------------------------- exceptions
+
+EXCEPTIONS = [
+    ("connection error", requests.exceptions.ConnectionError("Connection refused"), "connection"),
+    ("connect timeout", requests.exceptions.ConnectTimeout("timed out"), "connect timeout"),
+    ("read timeout", requests.exceptions.ReadTimeout("read timed out"), "read timeout"),
+    ("chunked encoding", requests.exceptions.ChunkedEncodingError("reset"), "connection"),
+    ("ssl error", requests.exceptions.SSLError("handshake"), "connection"),
+]
+
+
+@pytest.mark.parametrize("exc, fragment", [c[1:] for c in EXCEPTIONS], ids=[c[0] for c in EXCEPTIONS])
+def test_transport_errors_are_retried(exc, fragment):
+    outcome = classify_exception(exc)
+    assert isinstance(outcome, Retry)
+    assert fragment in outcome.reason
+    assert outcome.status is None and outcome.retry_after is None
+
+
+@pytest.mark.parametrize("exc", [ValueError("boom"), TypeError("not str"), KeyError("x")],
+                         ids=["ValueError", "TypeError", "KeyError"])
+def test_other_exceptions_are_dead_worker_errors(exc):
+    outcome = classify_exception(exc)
+    assert isinstance(outcome, Dead)
+    assert outcome.reason.startswith("worker error")
+    assert type(exc).__name__ in outcome.reason
+
+
+def test_exception_reason_is_one_short_line():
+    outcome = classify_exception(requests.exceptions.ConnectionError("first line\nsecond " + "y" * 1000))
+    assert "\n" not in outcome.reason and "second" not in outcome.reason
+    long = classify_exception(requests.exceptions.ConnectionError("z" * 1000))
+    assert len(long.reason) <= len("connection error: ") + EXCERPT_CHARS
+
+
+def test_exception_without_message_names_its_class():
+    assert "ValueError" in classify_exception(ValueError()).reason
+
+
+def test_outcomes_are_frozen_values():
+    outcome = Retry("x")
+    with pytest.raises(AttributeError):
+        outcome.reason = "y"  # type: ignore[misc]
+    assert Dead("r", 400) == Dead("r", 400)
+
+
+# ---------------------------------------------------------------- backoff
+
+POLICY = Backoff(max_attempts=10, base=timedelta(seconds=2), cap=timedelta(seconds=60),
+                 retry_after_cap=timedelta(seconds=30))
+
+CEILINGS = [(0, 2), (1, 2), (2, 4), (3, 8), (4, 16), (5, 32), (6, 60), (7, 60), (20, 60), (60, 60)]
+
+
+@pytest.mark.parametrize("attempts, ceiling", CEILINGS)
+@pytest.mark.parametrize("seed", range(5))
+def test_delay_lies_between_half_ceiling_and_ceiling(attempts, ceiling, seed):
+    delay = POLICY.delay(attempts, rng=random.Random(seed))
+    assert ceiling / 2 <= delay <= ceiling
+
+
+def test_delay_grows_exponentially_from_base():
+    class Top(random.Random):
+        def random(self) -> float:
+            return 1.0
+
+    ceilings = [POLICY.delay(n, rng=Top()) for n in range(1, 8)]
+    assert ceilings == [2, 4, 8, 16, 32, 60, 60]
+
+
+def test_delay_is_jittered_and_seed_reproducible():
+    delays = {POLICY.delay(4, rng=random.Random(seed)) for seed in range(20)}
+    assert len(delays) > 10
+    assert POLICY.delay(4, rng=random.Random(7)) == POLICY.delay(4, rng=random.Random(7))
+
+
+def test_default_policy():
+    policy = Backoff()
+    assert policy.max_attempts == 25
+    assert 0.5 <= policy.delay(1, rng=random.Random(0)) <= 1.0
+    assert policy.delay(25, rng=random.Random(0)) <= 3600
+
+
+def test_delay_stays_capped_for_very_many_attempts():
+    policy = Backoff(max_attempts=5000, cap=timedelta(hours=1))
+    for attempts in (1025, 2000, 10**6):
+        assert 1800 <= policy.delay(attempts, rng=random.Random(0)) <= 3600
+
+
+RETRY_AFTERS = [
+    # (attempts, retry_after, lower bound, upper bound)
+    ("minimum over jitter", 1, 20.0, 20.0, 20.0),
+    ("jitter over small retry_after", 6, 1.0, 30.0, 60.0),
+    ("capped at retry_after_cap", 1, 3600.0, 30.0, 30.0),
+    ("zero retry_after", 1, 0.0, 1.0, 2.0),
+]
+
+
+@pytest.mark.parametrize("attempts, retry_after, low, high", [c[1:] for c in RETRY_AFTERS],
+                         ids=[c[0] for c in RETRY_AFTERS])
+@pytest.mark.parametrize("seed", range(5))
+def test_retry_after_is_a_capped_minimum(attempts, retry_after, low, high, seed):
+    delay = POLICY.delay(attempts, retry_after=retry_after, rng=random.Random(seed))
+    assert low <= delay <= high
+
+
+def test_exhausted():
+    assert [POLICY.exhausted(n) for n in (0, 1, 9, 10, 11)] == [False, False, False, True, True]
+    assert Backoff(max_attempts=1).exhausted(1)
+
+
+# ---------------------------------------------------------------- redaction
+
+REDACTIONS = [
+    ("token in body", "echo: token=tok-secret-1 ok", ("tok-secret-1",), "echo: token=[token] ok"),
+    ("twice", "tok-a tok-a", ("tok-a",), "[token] [token]"),
+    ("two secrets", "a=tok-a b=tok-b", ("tok-a", "tok-b"), "a=[token] b=[token]"),
+    ("no secret present", "nothing here", ("tok-a",), "nothing here"),
+    ("empty secret ignored", "abc", ("",), "abc"),
+    ("None secret ignored", "abc", (None,), "abc"),
+    ("no secrets", "abc tok", (), "abc tok"),
+]
+
+
+@pytest.mark.parametrize("text, secrets, expected", [c[1:] for c in REDACTIONS], ids=[c[0] for c in REDACTIONS])
+def test_redact(text, secrets, expected):
+    assert redact(text, secrets) == expected
+
+
+def test_redacted_reason_from_an_echoing_error_page():
+    outcome = classify_response(401, {}, '{"error": "unknown token tok-3f9a"}', now=NOW)
+    assert "tok-3f9a" not in redact(outcome.reason, ("tok-3f9a",))

@@ -1,0 +1,279 @@
+"""Validation and normalisation of events (pure, no I/O): every rejection names its field, and the
+conversions JSON cannot do by itself are done the same way every time."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import decimal
+import json
+import time
+import uuid
+from types import MappingProxyType
+
+import pytest
+
+import outbox
+from outbox.validation import MAX_EVENT_BYTES, prepare
+
+NOW = 1_700_000_000.0  # a fixed clock for the plausibility checks
+
+
+def event(**properties) -> dict:
+    """A valid event, with `properties` added to (or replacing) the required ones."""
+    return {"event": "Purchase", "properties": {"distinct_id": "13793", **properties}}
+
+
+def payload_of(evt, now: float | None = NOW) -> dict:
+    return json.loads(prepare(evt, now=now)[2])
+
+
+class Unserializable:
+    pass
+
+
+# (case id, event, a fragment the message must contain)
+INVALID = [
+    # not a mapping
+    ("none", None, "mapping"),
+    ("list", [("event", "x")], "mapping"),
+    ("string", '{"event": "Purchase"}', "mapping"),
+    # `event`
+    ("event missing", {"properties": {"distinct_id": "u"}}, "'event'"),
+    ("event empty", {"event": "", "properties": {"distinct_id": "u"}}, "'event'"),
+    ("event blank", {"event": "   ", "properties": {"distinct_id": "u"}}, "'event'"),
+    ("event not a string", {"event": 42, "properties": {"distinct_id": "u"}}, "'event'"),
+    ("event is None", {"event": None, "properties": {"distinct_id": "u"}}, "'event'"),
+    # `properties`
+    ("properties missing", {"event": "Purchase"}, "'properties'"),
+    ("properties a list", {"event": "Purchase", "properties": [("distinct_id", "u")]}, "'properties'"),
+    ("properties a string", {"event": "Purchase", "properties": "distinct_id=u"}, "'properties'"),
+    ("properties None", {"event": "Purchase", "properties": None}, "'properties'"),
+    # `distinct_id`
+    ("distinct_id missing", {"event": "Purchase", "properties": {"price": 5}}, "distinct_id"),
+    ("distinct_id empty", event(distinct_id=""), "distinct_id"),
+    ("distinct_id blank", event(distinct_id="  "), "distinct_id"),
+    ("distinct_id an int", event(distinct_id=13793), "distinct_id"),
+    ("distinct_id None", event(distinct_id=None), "distinct_id"),
+    # `time`: not a finite number
+    ("time NaN", event(time=float("nan")), "time"),
+    ("time inf", event(time=float("inf")), "time"),
+    ("time -inf", event(time=float("-inf")), "time"),
+    ("time Decimal NaN", event(time=decimal.Decimal("NaN")), "time"),
+    ("time a string", event(time="1700000000"), "time"),
+    ("time True", event(time=True), "time"),
+    ("time False", event(time=False), "time"),
+    ("time a datetime", event(time=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)), "time"),
+    # `time`: not plausible epoch seconds
+    ("time in milliseconds", event(time=1_700_000_000_000), "time"),
+    ("time in microseconds", event(time=1_700_000_000_000_000), "time"),
+    ("time zero", event(time=0), "time"),
+    ("time negative", event(time=-1.5), "time"),
+    ("time before 2000", event(time=915_148_800), "time"),
+    ("time two days ahead", event(time=NOW + 2 * 86_400), "time"),
+    ("time year 3000", event(time=32_503_680_000), "time"),
+    # `$insert_id` present but not a non-empty string
+    ("insert_id None", event(**{"$insert_id": None}), "$insert_id"),
+    ("insert_id empty", event(**{"$insert_id": ""}), "$insert_id"),
+    ("insert_id blank", event(**{"$insert_id": " "}), "$insert_id"),
+    ("insert_id an int", event(**{"$insert_id": 12345}), "$insert_id"),
+    ("insert_id a UUID", event(**{"$insert_id": uuid.UUID(int=1)}), "$insert_id"),
+    # not JSON-serializable: the message names the path
+    ("an object", event(cart=Unserializable()), "properties.cart"),
+    ("a set", event(tags={"a", "b"}), "properties.tags"),
+    ("a frozenset", event(tags=frozenset({"a"})), "properties.tags"),
+    ("bytes", event(blob=b"\x00\x01"), "properties.blob"),
+    ("deep in a list", event(items=[{"sku": "a"}, {"sku": "b", "meta": [1, object()]}]),
+     "properties.items[1].meta[1]"),
+    ("NaN float in properties", event(price=float("nan")), "properties.price"),
+    ("inf float in a list", event(prices=[1.0, float("inf")]), "properties.prices[1]"),
+    ("Decimal NaN in properties", event(price=decimal.Decimal("NaN")), "properties.price"),
+    ("object at the top level", {"event": "Purchase", "properties": {"distinct_id": "u"}, "ctx": object()},
+     "ctx"),
+    # over the size limit
+    ("over MAX_EVENT_BYTES", event(blob="x" * MAX_EVENT_BYTES), str(MAX_EVENT_BYTES)),
+]
+
+
+@pytest.mark.parametrize("evt, fragment", [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
+def test_invalid_events_are_refused_naming_the_field(evt, fragment):
+    with pytest.raises(outbox.InvalidEvent) as caught:
+        prepare(evt, now=NOW)
+    assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize("evt", [case[1] for case in INVALID], ids=[case[0] for case in INVALID])
+def test_refusing_never_mutates_the_callers_event(evt):
+    before = copy.deepcopy(evt) if not _holds_unclonable(evt) else None
+    with pytest.raises(outbox.InvalidEvent):
+        prepare(evt, now=NOW)
+    if before is not None:
+        assert _same(evt, before)
+
+
+def _holds_unclonable(evt) -> bool:
+    try:
+        copy.deepcopy(evt)
+    except Exception:
+        return True
+    return False
+
+
+def _same(a, b) -> bool:
+    # NaN != NaN, and fresh object() instances differ: compare their reprs' shapes instead.
+    return json.dumps(a, default=lambda v: type(v).__name__, sort_keys=True) == json.dumps(
+        b, default=lambda v: type(v).__name__, sort_keys=True
+    )
+
+
+def test_invalid_event_is_a_value_error():
+    assert issubclass(outbox.InvalidEvent, ValueError)
+    with pytest.raises(ValueError):
+        prepare({"event": "", "properties": {"distinct_id": "u"}})
+
+
+def test_huge_integer_time_is_refused_as_implausible():
+    with pytest.raises(outbox.InvalidEvent, match="time"):
+        prepare(event(time=10**400), now=NOW)
+
+
+def test_signalling_nan_decimal_time_is_refused_naming_time():
+    with pytest.raises(outbox.InvalidEvent, match="time"):
+        prepare(event(time=decimal.Decimal("sNaN")), now=NOW)
+
+
+def test_nested_read_only_mapping_is_stored_as_an_object():
+    assert payload_of(event(meta=MappingProxyType({"a": 1})))["properties"]["meta"] == {"a": 1}
+
+
+def test_exactly_max_event_bytes_is_accepted():
+    base = len(prepare(event(blob="", **{"$insert_id": "i", "time": NOW}), now=NOW)[2].encode())
+    evt = event(blob="x" * (MAX_EVENT_BYTES - base), **{"$insert_id": "i", "time": NOW})
+    assert len(prepare(evt, now=NOW)[2].encode()) == MAX_EVENT_BYTES
+    evt["properties"]["blob"] += "x"
+    with pytest.raises(outbox.InvalidEvent, match=str(MAX_EVENT_BYTES)):
+        prepare(evt, now=NOW)
+
+
+# ---------------------------------------------------------------- conversions
+
+UTC = dt.timezone.utc
+
+CONVERSIONS = [
+    ("aware datetime", dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC), "2024-01-02T03:04:05+00:00"),
+    ("naive datetime", dt.datetime(2024, 1, 2, 3, 4, 5, 600000), "2024-01-02T03:04:05.600000"),
+    ("date", dt.date(2024, 1, 2), "2024-01-02"),
+    ("Decimal with a fraction", decimal.Decimal("12.50"), 12.5),
+    ("integral Decimal", decimal.Decimal("7"), 7),
+    ("integral Decimal with zeros", decimal.Decimal("7.000"), 7),
+    ("negative integral Decimal", decimal.Decimal("-3"), -3),
+    ("UUID", uuid.UUID("12345678-1234-5678-1234-567812345678"), "12345678-1234-5678-1234-567812345678"),
+    ("tuple", (1, "a"), [1, "a"]),
+]
+
+
+@pytest.mark.parametrize("value, expected", [c[1:] for c in CONVERSIONS], ids=[c[0] for c in CONVERSIONS])
+def test_conversions(value, expected):
+    stored = payload_of(event(value=value))["properties"]["value"]
+    assert stored == expected
+    assert type(stored) is type(expected)
+
+
+def test_conversions_inside_nested_structures():
+    evt = event(order={"placed": dt.date(2024, 5, 6), "lines": [{"price": decimal.Decimal("9.99")}]})
+    order = payload_of(evt)["properties"]["order"]
+    assert order == {"placed": "2024-05-06", "lines": [{"price": 9.99}]}
+
+
+def test_prepare_returns_insert_id_name_and_compact_json():
+    insert_id, name, payload = prepare(event(price=500), now=NOW)
+    assert name == "Purchase"
+    decoded = json.loads(payload)
+    assert decoded["event"] == "Purchase"
+    assert decoded["properties"]["$insert_id"] == insert_id
+    assert decoded["properties"]["price"] == 500
+    assert decoded["properties"]["distinct_id"] == "13793"
+
+
+def test_other_top_level_keys_are_kept():
+    evt = {"event": "Purchase", "properties": {"distinct_id": "u"}, "context": {"ip": "1.2.3.4"}}
+    assert payload_of(evt)["context"] == {"ip": "1.2.3.4"}
+
+
+def test_a_read_only_mapping_is_accepted_as_the_event_and_properties():
+    evt = MappingProxyType({"event": "Purchase", "properties": MappingProxyType({"distinct_id": "u"})})
+    assert payload_of(evt)["properties"]["distinct_id"] == "u"
+
+
+# ---------------------------------------------------------------- time
+
+def test_time_is_filled_with_the_current_time_in_milliseconds():
+    before = time.time()
+    filled = payload_of(event(), now=None)["properties"]["time"]
+    after = time.time()
+    assert isinstance(filled, float)
+    assert round(filled, 3) == filled
+    assert before - 0.001 <= filled <= after + 0.001
+
+
+def test_time_is_filled_from_the_given_clock():
+    assert payload_of(event(), now=1_700_000_000.123456)["properties"]["time"] == 1_700_000_000.123
+
+
+@pytest.mark.parametrize("given", [1_700_000_000, 1_700_000_000.5, 946_684_800, NOW + 3600],
+                         ids=["int", "float", "2000-01-01", "an hour ahead"])
+def test_given_time_is_kept(given):
+    stored = payload_of(event(time=given))["properties"]["time"]
+    assert stored == given
+    assert type(stored) is type(given)
+
+
+def test_decimal_time_is_kept_as_a_number():
+    stored = payload_of(event(time=decimal.Decimal("1700000000.25")))["properties"]["time"]
+    assert stored == 1_700_000_000.25
+
+
+def test_time_plausibility_uses_the_real_clock_by_default():
+    with pytest.raises(outbox.InvalidEvent, match="time"):
+        prepare(event(time=time.time() + 2 * 86_400))
+    prepare(event(time=time.time() - 60))
+
+
+# ---------------------------------------------------------------- $insert_id
+
+def test_insert_id_is_generated_as_a_uuid_when_absent():
+    insert_id, _, payload = prepare(event(), now=NOW)
+    assert str(uuid.UUID(insert_id)) == insert_id
+    assert json.loads(payload)["properties"]["$insert_id"] == insert_id
+
+
+def test_generated_insert_ids_differ():
+    assert len({prepare(event(), now=NOW)[0] for _ in range(50)}) == 50
+
+
+def test_given_insert_id_is_kept():
+    insert_id, _, payload = prepare(event(**{"$insert_id": "order-13793-purchase"}), now=NOW)
+    assert insert_id == "order-13793-purchase"
+    assert json.loads(payload)["properties"]["$insert_id"] == "order-13793-purchase"
+
+
+# ---------------------------------------------------------------- the caller's dict
+
+def test_callers_event_is_not_mutated():
+    props = {"distinct_id": "u", "cart": {"items": [1, 2]}, "when": dt.date(2024, 1, 2)}
+    evt = {"event": "Purchase", "properties": props}
+    snapshot = copy.deepcopy(evt)
+    prepare(evt, now=NOW)
+    assert evt == snapshot
+    assert evt["properties"] is props
+    assert "time" not in props and "$insert_id" not in props
+
+
+def test_token_may_be_absent_or_present():
+    assert "token" not in payload_of(event())["properties"]
+    assert payload_of(event(token="env-id"))["properties"]["token"] == "env-id"
+
+
+def test_public_names():
+    assert outbox.MAX_EVENT_BYTES == MAX_EVENT_BYTES
+    assert set(outbox.__all__) >= {"InvalidEvent", "MAX_EVENT_BYTES", "enqueue", "enqueue_many", "identify"}
