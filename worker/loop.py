@@ -22,7 +22,7 @@ from outbox.schema import NOTIFY_CHANNEL, events
 from worker.logs import event
 from worker.policy import Dead, Delivered, Outcome, Retry
 from worker.sender import Sender
-from worker.settings import SHUTDOWN_GRACE, Settings
+from worker.settings import Settings
 from worker.store import Claimed, DatabaseUnavailable, Store
 
 log = logging.getLogger("fp_outbox.worker")
@@ -204,7 +204,7 @@ class Worker:
     # -- stop ----------------------------------------------------------------------------------
     def _shutdown(self) -> None:
         self._listener.close()
-        deadline = time.monotonic() + SHUTDOWN_GRACE.total_seconds()
+        deadline = time.monotonic() + self.settings.shutdown_grace.total_seconds()
         while self._inflight and time.monotonic() < deadline:
             self._collect(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
         self._settle(force=True)

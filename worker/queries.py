@@ -22,11 +22,16 @@ CLAIM_BATCH = text(
      WHERE e.id = due.id
  RETURNING e.id, e.attempts,
            (CASE WHEN CAST(:token AS text) IS NOT NULL
+                      AND jsonb_typeof(e.payload -> 'properties') = 'object'
                       AND jsonb_typeof(e.payload -> 'properties' -> 'token') IS DISTINCT FROM 'string'
                  THEN jsonb_set(e.payload, '{properties,token}', to_jsonb(CAST(:token AS text)))
                  ELSE e.payload END)::text AS body,
            jsonb_typeof(e.payload -> 'properties' -> 'token') = 'string'
-               OR CAST(:token AS text) IS NOT NULL AS has_token
+               OR CAST(:token AS text) IS NOT NULL AS has_token,
+           -- A row written by hand, not by enqueue, may not be an event at all: flagged here so it
+           -- is dead-lettered instead of failing the claim (and blocking the queue) for everyone.
+           jsonb_typeof(e.payload) = 'object' AND jsonb_typeof(e.payload -> 'event') = 'string'
+               AND jsonb_typeof(e.payload -> 'properties') = 'object' AS well_formed
     """
 )
 

@@ -18,6 +18,8 @@ from worker.store import Claimed, DatabaseUnavailable
 
 NO_TOKEN = ("no token: the event carries no properties.token and the worker has none; "
             "set FP_OUTBOX_TOKEN (or --token) and requeue")
+MALFORMED = ("malformed payload: not an object with a string 'event' and an object 'properties' "
+             "(was the row written without outbox.enqueue?); fix the payload and requeue")
 
 
 class Sender:
@@ -34,6 +36,8 @@ class Sender:
 
     def send(self, row: Claimed) -> Outcome:
         """Deliver one event; never raises: a failure of our own code dead-letters the event."""
+        if not row.well_formed:
+            return Dead(MALFORMED)
         if not row.has_token:
             return Dead(NO_TOKEN)
         try:

@@ -36,7 +36,9 @@ OPTIONS: list[tuple[str, str | None, object, type, str]] = [
 
 # Inline retries wait 0.1 s, 0.2 s, 0.4 s ... at most this long each; longer waits go to the row.
 INLINE_WAIT_CAP = 1.0
-SHUTDOWN_GRACE = timedelta(seconds=20)
+# On SIGTERM, in-flight requests get one request's worth of time to finish (never more than 20 s,
+# so the worker exits well within 30 s); whatever is still running then is released.
+MAX_SHUTDOWN_GRACE = timedelta(seconds=20)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class Settings:
         tries = self.inline_attempts * (self.connect_timeout + self.read_timeout)
         waits = (self.inline_attempts - 1) * INLINE_WAIT_CAP
         return timedelta(seconds=tries + waits)
+
+    @property
+    def shutdown_grace(self) -> timedelta:
+        return min(MAX_SHUTDOWN_GRACE, timedelta(seconds=self.connect_timeout + self.read_timeout + 1))
 
     @property
     def lease(self) -> timedelta:

@@ -27,6 +27,7 @@ class Received:
     insert_id: str | None
     token: str | None
     body: dict | None
+    retry_after: str | None = None  # the Retry-After the sink answered with, if any
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class Sink:
         self._recent_ok: collections.deque[float] = collections.deque()
         self._random = random.Random(seed)
         self._faults = {"latency": latency, "error_rate": error_rate, "error_status": error_status,
-                        "retry_after": None, "reset_rate": 0.0, "burst_limit": burst_limit}
+                        "retry_after": None, "reset_rate": 0.0, "burst_limit": burst_limit,
+                        "reject_events": {}}
         self._outage: tuple[float, int] | None = None
         self._server = _Server((host, port), _handler_for(self))
         self._thread: threading.Thread | None = None
@@ -113,7 +115,8 @@ class Sink:
             self._script.extend([_Answer(status, retry_after, body, delay)] * count)
 
     def set_faults(self, **changes: Any) -> None:
-        """Change latency, error_rate, error_status, retry_after, reset_rate or burst_limit while running."""
+        """Change latency, error_rate, error_status, retry_after, reset_rate, burst_limit or
+        reject_events ({event name: status}) while running."""
         unknown = set(changes) - set(self._faults)
         if unknown:
             raise TypeError(f"unknown fault setting(s): {', '.join(sorted(unknown))}")
@@ -125,11 +128,15 @@ class Sink:
             self._outage = (time.monotonic() + seconds, status)
 
     # -- deciding (called by the handler) ------------------------------------------------------
-    def decide(self) -> tuple[_Answer, float]:
-        """The answer to the next POST, in order: script, outage, reset, error rate, burst limit."""
+    def decide(self, event: str | None = None) -> tuple[_Answer, float]:
+        """The answer to the next POST, in order: rejected event names, script, outage, reset,
+        error rate, burst limit."""
         with self._lock:
             faults = self._faults
             latency = faults["latency"]
+            if event in faults["reject_events"]:
+                status = faults["reject_events"][event]
+                return _Answer(status, body=json.dumps({"error": f"event {event!r} rejected by the sink"})), 0.0
             if self._script:
                 return self._script.popleft(), 0.0
             now = time.monotonic()
@@ -175,13 +182,14 @@ def _handler_for(sink: Sink) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             arrived = time.time()
             body, problem = _parse(raw)
-            answer, latency = sink.decide()
+            answer, latency = sink.decide(body.get("event") if isinstance(body, dict) else None)
             if problem and answer.status == 200:
                 answer = _Answer(400, body=json.dumps({"error": problem}))
             props = (body or {}).get("properties") if isinstance(body, dict) else None
             props = props if isinstance(props, dict) else {}
             sink.record(Received(arrived, answer.status, (body or {}).get("event") if isinstance(body, dict) else None,
-                                 props.get("$insert_id"), props.get("token"), body if isinstance(body, dict) else None))
+                                 props.get("$insert_id"), props.get("token"), body if isinstance(body, dict) else None,
+                                 answer.retry_after))
             time.sleep(answer.delay or latency)
             if answer.status == 0:
                 self._reset()

@@ -26,6 +26,7 @@ class Claimed:
     attempts: int
     body: str
     has_token: bool
+    well_formed: bool = True
 
 
 @contextlib.contextmanager
@@ -55,7 +56,7 @@ class Store:
         params = {"owner": self.owner, "lease_s": self.lease_seconds, "limit": limit, "token": self._token}
         with transaction(self.engine) as conn:
             rows = conn.execute(queries.CLAIM_BATCH, params).all()
-        return [Claimed(row.id, row.attempts, row.body, bool(row.has_token)) for row in rows]
+        return [Claimed(row.id, row.attempts, row.body, bool(row.has_token), bool(row.well_formed)) for row in rows]
 
     def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
         return self._update(queries.MARK_DELIVERED, ids=ids, statuses=statuses)
