@@ -1,4 +1,4 @@
-"""python -m bench {enqueue,drain} [--database-url URL]: figures against a baseline measured in the same run.
+"""python -m bench {enqueue,drain,faults} [--database-url URL]: figures against a baseline measured in the same run.
 
 Without --database-url (or FP_OUTBOX_DATABASE_URL) an embedded PostgreSQL is used.
 """
@@ -103,6 +103,71 @@ def bench_drain(engine, url: str, args) -> dict:
     }
 
 
+def bench_faults(engine, url: str, args) -> dict:
+    """The failure trial: drain a backlog while the receiver fails a third of its requests for 10 s and
+    the worker is killed twice (default settings, as a user runs it); count what was lost or duplicated."""
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+    committed, rejected = [], []
+    for start in range(0, args.events, 1000):
+        with Session(engine) as session:
+            committed += outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
+            session.commit()
+    with Session(engine) as session:
+        rolled_back = outbox.enqueue_many(session, [_event(i) for i in range(200)])
+        session.rollback()
+    with Session(engine) as session:
+        rejected = outbox.enqueue_many(session, [{"event": "Rejected", "properties": {"distinct_id": "u"}}] * 20)
+        session.commit()
+    cmd = [sys.executable, "-m", "worker", "--database-url", url, "--token", "bench-token"]
+    with Sink(burst_limit=None, latency=args.latency_ms / 1000) as sink:
+        sink.set_faults(reject_events={"Rejected": 400})
+        started = time.perf_counter()
+        worker = subprocess.Popen([*cmd, "--endpoint", sink.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kills = 0
+        outage_until = None
+        while True:
+            done = sink.counts()["distinct_insert_ids"]
+            if outage_until is None and done >= args.events * 0.1:
+                sink.set_faults(error_rate=1 / 3, error_status=503)
+                outage_until = time.monotonic() + 10
+            if outage_until and time.monotonic() > outage_until:
+                sink.set_faults(error_rate=0.0)
+            if kills < 2 and done >= args.events * (0.35 if kills == 0 else 0.7):
+                worker.kill()
+                worker.wait()
+                kills += 1
+                worker = subprocess.Popen([*cmd, "--endpoint", sink.url], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+            counts = _status(engine)
+            if kills == 2 and counts["pending"] == 0 and counts["in_flight"] == 0:
+                break
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - started
+        worker.terminate()
+        worker.wait(35)
+        arrived = {r.insert_id for r in sink.accepted()}
+        figures = sink.counts()
+    counts = _status(engine)
+    with engine.connect() as conn:
+        reasons = conn.execute(text("SELECT last_error, count(*) FROM fp_outbox_events WHERE status = 'dead'"
+                                    " GROUP BY 1")).all()
+    return {
+        "committed": len(committed) + len(rejected), "rolled_back": len(rolled_back),
+        "lost": len(set(committed) - arrived), "rolled_back_sent": len(set(rolled_back) & arrived),
+        "requests": figures["requests"], "rejected_answers": figures["rejected"],
+        "duplicates_absorbed": figures["duplicates"], "dead": counts["dead"],
+        "dead_reasons": {reason: n for reason, n in reasons}, "workers_killed": kills,
+        "seconds_to_drain": round(elapsed, 1),
+    }
+
+
+def _status(engine) -> dict:
+    from worker.admin import status_counts
+
+    return status_counts(engine)
+
+
 PLAIN_LOOP = r"""
 import json, resource, sys, threading, time, requests
 url, n, c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -152,7 +217,7 @@ def _database(args):
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("which", choices=["enqueue", "drain"])
+    parser.add_argument("which", choices=["enqueue", "drain", "faults"])
     parser.add_argument("--database-url")
     parser.add_argument("--transactions", type=int, default=2000, help="enqueue: transactions per variant")
     parser.add_argument("--events", type=int, default=20000, help="drain: backlog size")
@@ -161,8 +226,9 @@ def main() -> int:
     args = parser.parse_args()
     with _database(args) as url:
         engine = make_engine(url)
-        figures = (bench_enqueue(engine, args) if args.which == "enqueue"
-                   else bench_drain(engine, url.render_as_string(hide_password=False), args))
+        plain = url.render_as_string(hide_password=False)
+        figures = {"enqueue": lambda: bench_enqueue(engine, args), "drain": lambda: bench_drain(engine, plain, args),
+                   "faults": lambda: bench_faults(engine, plain, args)}[args.which]()
         engine.dispose()
     width = max(len(k) for k in figures)
     for key, value in figures.items():
