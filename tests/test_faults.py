@@ -12,10 +12,12 @@ import signal
 import time
 from collections import defaultdict
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox.db import make_engine, normalise_url, upgrade
 from tests.conftest import status_of, wait_until
 
 # Short timeouts make the derived lease short (9 s), so recovery is quick to observe.
@@ -198,3 +200,25 @@ def test_sigterm_releases_what_cannot_finish_and_a_second_signal_exits_at_once(c
     again.signal(signal.SIGTERM)
     assert again.wait(10) == 128 + signal.SIGTERM
     assert time.monotonic() - started < 2
+
+
+def test_postgresql_restart_while_delivering(tmp_path, sink, workers):
+    pgserver = pytest.importorskip("pgserver")
+    server = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="delete")  # a server of its own to restart
+    try:
+        url = normalise_url(server.get_uri())
+        upgrade(url)
+        engine = make_engine(url)
+        committed = _enqueue(engine, 600)
+        sink.set_faults(latency=0.02)
+        worker = workers(url, sink.url, "--concurrency", "8", *FAST)
+        assert wait_until(lambda: len(sink.accepted()) >= 100, 30), worker.output()
+        pgserver.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+        assert wait_until(lambda: status_of(engine).get("delivered") == 600, 90), worker.output()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, worker.output()
+        assert "database unavailable" in worker.output()
+        _check_delivery(sink, committed)
+        engine.dispose()
+    finally:
+        server.cleanup()
