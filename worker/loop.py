@@ -45,8 +45,10 @@ class Worker:
 
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
+        # No pre-ping: it would cost a round trip per transaction on the hot path. A connection the
+        # server dropped fails one statement, which is retried after a backoff like any outage.
         self.engine = engine or make_engine(
-            settings.database_url, pool_size=2, max_overflow=settings.concurrency + 2
+            settings.database_url, pool_size=2, max_overflow=settings.concurrency + 2, pool_pre_ping=False
         )
         self.store = Store(self.engine, settings.owner, settings.lease.total_seconds(), settings.token)
         self.sender = Sender(settings, self.take_permit)
@@ -106,12 +108,10 @@ class Worker:
         if backlog or (self._inflight and free < self._claim_at_least) or free <= 0:
             return 0
         try:
-            rows = self.store.claim(min(free, self._chunk))
-            if not rows:
-                self._db_failures = 0
-                return 0
-            wait = self.store.acquire_permits(len(rows), self._rate)
+            rows, wait = self.store.claim(min(free, self._chunk), self._rate)
             self._db_failures = 0
+            if not rows:
+                return 0
         except DatabaseUnavailable as exc:
             self._database_trouble(exc)
             return 0  # anything claimed comes back when its lease expires

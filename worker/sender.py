@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 from collections.abc import Callable
 
@@ -33,6 +34,12 @@ class Sender:
         self._local = threading.local()
         self._inline_wait = wait_exponential_jitter(initial=0.1, max=INLINE_WAIT_CAP)
         self._attempts = settings.inline_attempts
+        self._template = requests.Request(
+            "POST", settings.endpoint,
+            headers={"Content-Type": "application/json", "User-Agent": f"fp-outbox/{__version__}"},
+        ).prepare()
+        self._proxies = requests.utils.get_environ_proxies(settings.endpoint)
+        self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
     def send(self, row: Claimed) -> Outcome:
         """Deliver one event; never raises: a failure of our own code dead-letters the event."""
@@ -62,9 +69,9 @@ class Sender:
 
     def _post_once(self, body: bytes) -> Outcome:
         try:
-            response = self._session().post(
-                self._endpoint, data=body, timeout=self._timeout, allow_redirects=False
-            )
+            request = self._template.copy()  # URL, headers and method prepared once, at start
+            request.prepare_body(data=body, files=None)
+            response = self._session().send(request, timeout=self._timeout, allow_redirects=False)
         except requests.RequestException as exc:
             return classify_exception(exc)
         return classify_response(response.status_code, response.headers, response.text)
@@ -85,9 +92,12 @@ class Sender:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
+            # Proxy and CA settings from the environment are read once here, not on every request.
+            session.trust_env = False
+            session.proxies = self._proxies
+            session.verify = self._verify
             session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0))
             session.mount("https://", HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0))
-            session.headers.update({"Content-Type": "application/json", "User-Agent": f"fp-outbox/{__version__}"})
             self._local.session = session
         return session
 

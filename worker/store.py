@@ -52,11 +52,15 @@ class Store:
         self.lease_seconds = lease_seconds
         self._token = token
 
-    def claim(self, limit: int) -> list[Claimed]:
+    def claim(self, limit: int, rate: float) -> tuple[list[Claimed], float]:
+        """Claim up to `limit` due rows and reserve that many requests of the shared rate budget, in one
+        transaction; returns the rows and the seconds to wait before sending them."""
         params = {"owner": self.owner, "lease_s": self.lease_seconds, "limit": limit, "token": self._token}
         with transaction(self.engine) as conn:
             rows = conn.execute(queries.CLAIM_BATCH, params).all()
-        return [Claimed(row.id, row.attempts, row.body, bool(row.has_token), bool(row.well_formed)) for row in rows]
+            wait = float(conn.execute(queries.ACQUIRE_PERMITS, {"span_s": len(rows) / rate}).scalar()) if rows else 0.0
+        claimed = [Claimed(row.id, row.attempts, row.body, bool(row.has_token), bool(row.well_formed)) for row in rows]
+        return claimed, wait
 
     def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
         return self._update(queries.MARK_DELIVERED, ids=ids, statuses=statuses)
