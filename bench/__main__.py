@@ -1,4 +1,4 @@
-"""python -m bench {enqueue,drain,faults} [--database-url URL]: figures against a baseline measured in the same run.
+"""python -m bench {enqueue,drain,faults,latency,rate} [--database-url URL]: figures against a baseline measured in the same run.
 
 Without --database-url (or FP_OUTBOX_DATABASE_URL) an embedded PostgreSQL is used.
 """
@@ -162,6 +162,63 @@ def bench_faults(engine, url: str, args) -> dict:
     }
 
 
+def bench_latency(engine, url: str, args) -> dict:
+    """Commit-to-arrival on an idle system: events committed one at a time, a worker woken by NOTIFY."""
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+    with Sink(burst_limit=None) as sink:
+        worker = subprocess.Popen([sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url,
+                                   "--token", "bench-token"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(2)  # let it start and go idle
+            committed_at = {}
+            for i in range(args.samples):
+                with Session(engine) as session:
+                    insert_id = outbox.enqueue(session, _event(i))
+                    session.commit()
+                committed_at[insert_id] = time.time()
+                time.sleep(0.05)  # idle between events
+            sink.wait_for(lambda s: s.counts()["distinct_insert_ids"] >= args.samples, 30)
+        finally:
+            worker.terminate()
+            worker.wait(35)
+        latencies = sorted((r.arrived_at - committed_at[r.insert_id]) * 1e3 for r in sink.accepted())
+    return {
+        "samples": len(latencies),
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 2),
+        "max_ms": round(latencies[-1], 2),
+        "poll_interval_ms_for_comparison": 1000,
+    }
+
+
+def bench_rate(engine, url: str, args) -> dict:
+    """Several workers under one --rate-limit: the achieved rate and the busiest one-second window."""
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+    for start in range(0, args.events, 1000):
+        with Session(engine) as session:
+            outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
+            session.commit()
+    with Sink(burst_limit=None) as sink:
+        cmd = [sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url, "--token", "bench-token",
+               "--drain", "--rate-limit", str(args.rate_limit)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(args.workers)]
+        for proc in procs:
+            proc.wait(1800)
+        times = sorted(r.arrived_at for r in sink.received())
+    most, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= 1.0:
+            start += 1
+        most = max(most, end - start + 1)
+    steady = [t for t in times if times[0] + 1 <= t <= times[-1] - 1]  # without ramp-up and tail
+    achieved = len(steady) / (steady[-1] - steady[0]) if len(steady) > 1 else 0.0
+    return {"workers": args.workers, "rate_limit": args.rate_limit, "requests": len(times),
+            "achieved_per_s": round(achieved), "achieved_vs_limit": round(achieved / args.rate_limit, 3),
+            "busiest_one_second_window": most}
+
+
 def _status(engine) -> dict:
     from worker.admin import status_counts
 
@@ -217,7 +274,10 @@ def _database(args):
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("which", choices=["enqueue", "drain", "faults"])
+    parser.add_argument("which", choices=["enqueue", "drain", "faults", "latency", "rate"])
+    parser.add_argument("--samples", type=int, default=200, help="latency: events committed one at a time")
+    parser.add_argument("--workers", type=int, default=4, help="rate: worker processes")
+    parser.add_argument("--rate-limit", type=int, default=2000, help="rate: the shared limit")
     parser.add_argument("--database-url")
     parser.add_argument("--transactions", type=int, default=2000, help="enqueue: transactions per variant")
     parser.add_argument("--events", type=int, default=20000, help="drain: backlog size")
@@ -228,7 +288,9 @@ def main() -> int:
         engine = make_engine(url)
         plain = url.render_as_string(hide_password=False)
         figures = {"enqueue": lambda: bench_enqueue(engine, args), "drain": lambda: bench_drain(engine, plain, args),
-                   "faults": lambda: bench_faults(engine, plain, args)}[args.which]()
+                   "faults": lambda: bench_faults(engine, plain, args),
+                   "latency": lambda: bench_latency(engine, plain, args),
+                   "rate": lambda: bench_rate(engine, plain, args)}[args.which]()
         engine.dispose()
     width = max(len(k) for k in figures)
     for key, value in figures.items():

@@ -90,6 +90,8 @@ class Worker:
         self._settle(force=not self._inflight)
         started = self._claim_and_start()
         self._maybe_summarise()
+        if started >= self._chunk and self.settings.concurrency - len(self._inflight) >= self._claim_at_least:
+            return True  # a full chunk and free slots: more may be due, claim again without waiting
         if self._inflight or started:
             self._collect(timeout=SETTLE_DELAY)
         elif self._outcomes:

@@ -174,6 +174,9 @@ class _Server(ThreadingHTTPServer):
 def _handler_for(sink: Sink) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in separate writes; without TCP_NODELAY the body waits ~40 ms for
+        # the client's delayed ACK, and a receiver that slow would hide the worker's own latency.
+        disable_nagle_algorithm = True
 
         def do_POST(self) -> None:
             if urlsplit(self.path).path != "/track":
