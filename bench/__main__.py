@@ -1,4 +1,4 @@
-"""python -m bench {enqueue,drain,faults,latency,rate} [--database-url URL]: figures against a baseline measured in the same run.
+"""python -m bench {enqueue,drain,faults,latency,rate,growth,cycle} [--database-url URL]: figures against a baseline measured in the same run.
 
 Without --database-url (or FP_OUTBOX_DATABASE_URL) an embedded PostgreSQL is used.
 """
@@ -74,33 +74,41 @@ def bench_enqueue(engine, args) -> dict:
 
 
 def bench_drain(engine, url: str, args) -> dict:
-    """Events/s and CPU per event of one worker draining a backlog, against a plain requests loop."""
+    """Events/s and CPU per event of 1, 2 and 4 workers draining a backlog, against a plain requests loop
+    posting the same payloads from memory with the same concurrency (the cost of durability, isolated)."""
+    figures = {"events": args.events, "concurrency": args.concurrency, "receiver_latency_ms": args.latency_ms}
     with Sink(burst_limit=None, latency=args.latency_ms / 1000) as sink:
         loop = _plain_loop(sink.url, args.events, args.concurrency)
-        with engine.begin() as conn:
-            conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
-        for start in range(0, args.events, 1000):
-            with Session(engine) as session:
-                outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
-                session.commit()
-        sink.clear()
-        cpu_before = _children_cpu()
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url,
-                        "--token", "bench-token", "--drain", "--concurrency", str(args.concurrency)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
-        elapsed = time.perf_counter() - started
-        cpu = _children_cpu() - cpu_before
-        delivered = sink.counts()["distinct_insert_ids"]
+        figures.update(plain_loop_events_per_s=round(loop["rate"]), plain_loop_cpu_ms_per_event=round(loop["cpu_ms"], 3))
+        for count in args.worker_counts:
+            rate, cpu_ms = _drain_once(engine, url, sink, args, count)
+            figures.update({f"workers_{count}_events_per_s": round(rate), f"workers_{count}_cpu_ms_per_event": round(cpu_ms, 3),
+                            f"workers_{count}_vs_loop_rate": round(rate / loop["rate"], 3),
+                            f"workers_{count}_vs_loop_cpu": round(cpu_ms / loop["cpu_ms"], 3)})
+    return figures
+
+
+def _drain_once(engine, url: str, sink: Sink, args, workers: int) -> tuple[float, float]:
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+    for start in range(0, args.events, 1000):
+        with Session(engine) as session:
+            outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
+            session.commit()
+    sink.clear()
+    cpu_before = _children_cpu()
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url, "--token", "bench-token",
+           "--drain", "--concurrency", str(args.concurrency)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
+    for proc in procs:
+        assert proc.wait(3600) == 0
+    elapsed = time.perf_counter() - started
+    cpu = _children_cpu() - cpu_before
+    delivered = sink.counts()["distinct_insert_ids"]
     assert delivered == args.events, f"only {delivered} of {args.events} arrived"
-    worker_rate = args.events / elapsed
-    return {
-        "events": args.events, "concurrency": args.concurrency, "receiver_latency_ms": args.latency_ms,
-        "plain_loop_events_per_s": round(loop["rate"]), "plain_loop_cpu_ms_per_event": round(loop["cpu_ms"], 3),
-        "worker_events_per_s": round(worker_rate), "worker_cpu_ms_per_event": round(cpu / args.events * 1e3, 3),
-        "worker_vs_loop_rate": round(worker_rate / loop["rate"], 3),
-        "worker_vs_loop_cpu": round(cpu / args.events * 1e3 / loop["cpu_ms"], 3),
-    }
+    print(f"  {workers} worker(s): {args.events / elapsed:.0f} events/s", file=sys.stderr)
+    return args.events / elapsed, cpu / args.events * 1e3
 
 
 def bench_faults(engine, url: str, args) -> dict:
@@ -219,6 +227,117 @@ def bench_rate(engine, url: str, args) -> dict:
             "busiest_one_second_window": most}
 
 
+def bench_growth(engine, url: str, args) -> dict:
+    """Drain throughput with an empty table, with many delivered rows kept, and at the head of a huge
+    backlog: the partial index should keep the claim's cost flat."""
+    big = args.big_rows
+
+    def fill(status: str, rows: int) -> None:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, delivered_at)"
+                " SELECT 'filler-' || g, 'Purchase', jsonb_build_object('event', 'Purchase', 'properties',"
+                " jsonb_build_object('distinct_id', 'u' || g, 'time', 1.7e9, '$insert_id', 'filler-' || g)),"
+                " :status, CASE WHEN :status = 'delivered' THEN now() END FROM generate_series(1, :rows) g"),
+                {"status": status, "rows": rows})
+            conn.execute(text("ANALYZE fp_outbox_events"))
+
+    def measure(label: str, backlog_rows: int) -> float:
+        if backlog_rows == 0:
+            with Session(engine) as session:
+                for start in range(0, args.events, 1000):
+                    outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
+                session.commit()
+        with Sink(burst_limit=None) as sink:
+            worker = subprocess.Popen([sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url,
+                                       "--token", "bench-token"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                sink.wait_for(lambda s: len(s.received()) >= 500, 60)  # past start-up
+                first = time.perf_counter(), len(sink.received())
+                sink.wait_for(lambda s: len(s.received()) >= first[1] + args.events // 2, 1800)
+                rate = (len(sink.received()) - first[1]) / (time.perf_counter() - first[0])
+            finally:
+                worker.terminate()
+                worker.wait(35)
+        print(f"  {label}: {rate:.0f} events/s", file=sys.stderr)
+        return rate
+
+    def reset() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+
+    reset()
+    empty = measure("empty table", 0)
+    reset()
+    fill("delivered", big)
+    kept = measure(f"{big:,} delivered rows kept", 0)
+    reset()
+    fill("pending", big)
+    backlog = measure(f"head of a {big:,}-event backlog", big)
+    reset()
+    return {"rows": big, "empty_events_per_s": round(empty), "with_delivered_rows_events_per_s": round(kept),
+            "with_backlog_events_per_s": round(backlog), "delivered_rows_vs_empty": round(kept / empty, 3),
+            "backlog_vs_empty": round(backlog / empty, 3)}
+
+
+def bench_cycle(engine, url: str, args) -> dict:
+    """The claim -> settle cycle alone (HTTP replaced by an in-process transport that answers 200 at once)
+    against pgqueuer draining the same number of no-op jobs, batches of 100, on the same database."""
+    import asyncio
+
+    from worker.loop import Worker
+    from worker.policy import Delivered
+    from worker.settings import build_parser, from_args
+
+    class InstantTransport:
+        def send(self, row):
+            return Delivered(200)
+
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+    for start in range(0, args.events, 1000):
+        with Session(engine) as session:
+            outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
+            session.commit()
+    settings = from_args(build_parser().parse_args(
+        ["--database-url", url, "--drain", "--rate-limit", "1000000", "--concurrency", "100"]), environ={})
+    worker = Worker(settings)
+    worker.sender = InstantTransport()
+    started = time.perf_counter()
+    worker.run()
+    ours = args.events / (time.perf_counter() - started)
+    worker.engine.dispose()
+    theirs = asyncio.run(_pgqueuer_drain(engine.url.set(drivername="postgresql").render_as_string(False), args.events))
+    return {"events": args.events, "batch": 100, "fp_outbox_events_per_s": round(ours),
+            "pgqueuer_jobs_per_s": round(theirs), "fp_outbox_vs_pgqueuer": round(ours / theirs, 3)}
+
+
+async def _pgqueuer_drain(dsn: str, jobs: int) -> float:
+    import psycopg
+    from pgqueuer import PsycopgDriver, Queries, QueueManager
+    from pgqueuer.types import QueueExecutionMode
+
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    queries = Queries(PsycopgDriver(conn))
+    if not await queries.schema_is_installed():
+        await queries.install()
+    await queries.clear_queue()
+    for start in range(0, jobs, 1000):
+        count = min(jobs, start + 1000) - start
+        await queries.enqueue(["noop"] * count, [None] * count, [0] * count)
+    manager = QueueManager(queries)
+
+    @manager.entrypoint("noop")
+    async def noop(job) -> None:
+        return None
+
+    started = time.perf_counter()
+    await manager.run(batch_size=100, mode=QueueExecutionMode.drain)
+    elapsed = time.perf_counter() - started
+    await conn.close()
+    return jobs / elapsed
+
+
 def _status(engine) -> dict:
     from worker.admin import status_counts
 
@@ -274,7 +393,9 @@ def _database(args):
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("which", choices=["enqueue", "drain", "faults", "latency", "rate"])
+    parser.add_argument("which", choices=["enqueue", "drain", "faults", "latency", "rate", "growth", "cycle"])
+    parser.add_argument("--worker-counts", type=int, nargs="+", default=[1, 2, 4], help="drain: workers per run")
+    parser.add_argument("--big-rows", type=int, default=1_000_000, help="growth: rows kept / backlog size")
     parser.add_argument("--samples", type=int, default=200, help="latency: events committed one at a time")
     parser.add_argument("--workers", type=int, default=4, help="rate: worker processes")
     parser.add_argument("--rate-limit", type=int, default=2000, help="rate: the shared limit")
@@ -290,7 +411,9 @@ def main() -> int:
         figures = {"enqueue": lambda: bench_enqueue(engine, args), "drain": lambda: bench_drain(engine, plain, args),
                    "faults": lambda: bench_faults(engine, plain, args),
                    "latency": lambda: bench_latency(engine, plain, args),
-                   "rate": lambda: bench_rate(engine, plain, args)}[args.which]()
+                   "rate": lambda: bench_rate(engine, plain, args),
+                   "growth": lambda: bench_growth(engine, plain, args),
+                   "cycle": lambda: bench_cycle(engine, plain, args)}[args.which]()
         engine.dispose()
     width = max(len(k) for k in figures)
     for key, value in figures.items():
