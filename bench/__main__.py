@@ -211,9 +211,11 @@ def bench_rate(engine, url: str, args) -> dict:
     with Sink(burst_limit=None) as sink:
         cmd = [sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url, "--token", "bench-token",
                "--drain", "--rate-limit", str(args.rate_limit)]
+        busy_before = _machine_cpu()
         procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(args.workers)]
         for proc in procs:
             proc.wait(1800)
+        busy, total = (after - before for after, before in zip(_machine_cpu(), busy_before))
         times = sorted(r.arrived_at for r in sink.received())
     most, start = 0, 0
     for end, t in enumerate(times):
@@ -224,7 +226,14 @@ def bench_rate(engine, url: str, args) -> dict:
     achieved = len(steady) / (steady[-1] - steady[0]) if len(steady) > 1 else 0.0
     return {"workers": args.workers, "rate_limit": args.rate_limit, "requests": len(times),
             "achieved_per_s": round(achieved), "achieved_vs_limit": round(achieved / args.rate_limit, 3),
-            "busiest_one_second_window": most}
+            "busiest_one_second_window": most, "machine_cpu_busy_pct": round(100 * busy / total, 1)}
+
+
+def _machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores, from /proc/stat: is the machine itself the limit?"""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
 
 
 def bench_growth(engine, url: str, args) -> dict:
