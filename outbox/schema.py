@@ -58,6 +58,9 @@ events = Table(
         "next_attempt_at",
         postgresql_where=text("status IN ('pending', 'in_flight')"),
     ),
+    # Dead rows are few and often looked at (admin commands, requeue, purge, metrics): found
+    # without scanning the delivered rows kept for retention.
+    Index("fp_outbox_events_dead_idx", "dead_at", postgresql_where=text("status = 'dead'")),
 )
 
 # One row per database: the global rate limiter's "theoretical arrival time" (GCRA), shared by

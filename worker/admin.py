@@ -1,4 +1,5 @@
-"""`fp-outbox`: the admin command (migrate, status) and the development tools (sink, demo)."""
+"""`fp-outbox`: the admin command (migrate, status; stuck, dead, requeue, purge and systemd-unit from
+worker.ops) and the development tools (sink, demo)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import importlib
 import json
 import sys
 
-from outbox.db import ConfigError, database_url, make_engine, upgrade
-from worker import queries
+from outbox.db import ConfigError, database_url, upgrade
+from worker import ops, queries
 from worker.embedded import database_flag
 
 
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fp-outbox {args.command}: {exc}", file=sys.stderr)
         return 2
+    except ops.CommandError as exc:
+        print(f"fp-outbox {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     _database_flag(status)
     status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     status.set_defaults(run=cmd_status)
+
+    ops.add_commands(commands, _database_flag)
 
     sink = commands.add_parser("sink", help="a local /track receiver for development")
     sink.set_defaults(run=_lazy("worker.sink"))
@@ -83,18 +89,19 @@ def status_counts(engine) -> dict[str, float | int | None]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with database_flag(args) as flag:
-        engine = make_engine(database_url(flag))
-        try:
-            counts = status_counts(engine)
-        finally:
-            engine.dispose()
+    with ops.connected(args) as engine:
+        counts = {**status_counts(engine), **ops.activity(engine)}
     if args.json:
         print(json.dumps(counts))
         return 0
     age = counts["oldest_pending_age_s"]
     rows = [(key, f"{counts[key]:,}") for key in ("pending", "in_flight", "delivered", "dead")]
     rows.append(("oldest pending age", "-" if age is None else f"{age:,.1f} s"))
+    rows.append(("stuck (lease expired)", f"{counts['stuck']:,}"))
+    rows.append(("overdue (due > 1 min ago)", f"{counts['overdue']:,}"))
+    rows.append(("delivered last minute", f"{counts['delivered_last_minute']:,}"))
+    rows.append(("throughput", f"{counts['delivered_last_minute'] / 60:,.1f} /s"))
+    rows.append(("dead last minute", f"{counts['dead_last_minute']:,}"))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value:>12}")

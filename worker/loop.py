@@ -20,6 +20,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from outbox.db import ConfigError, make_engine
 from outbox.schema import NOTIFY_CHANNEL, events
 from worker.logs import event
+from worker.metrics import Metrics
+from worker.notify import Notifier
+from worker.ops import purge_delivered
 from worker.policy import Dead, Delivered, Outcome, Retry
 from worker.sender import Sender
 from worker.settings import Settings
@@ -34,6 +37,8 @@ RATE_HEADROOM = 0.96
 CHUNK_FRACTION = 1 / 200
 SETTLE_DELAY = 0.05  # seconds an outcome may wait to be settled together with others
 SUMMARY_EVERY = 60.0
+QUEUE_GAUGES_EVERY = 15.0  # seconds between the queue-depth reads behind /metrics
+RETENTION_EVERY = 60.0  # at most this many seconds between purges of old delivered rows (own thread)
 
 
 class StartupError(Exception):
@@ -65,6 +70,9 @@ class Worker:
         self._listener = Listener(self.engine)
         self.totals: Counter[str] = Counter()
         self._last_summary = (time.monotonic(), Counter())
+        self.notifier = Notifier()
+        self.metrics = Metrics()
+        self._gauges_read_at = 0.0
 
     def stop(self) -> None:
         """Stop claiming; in-flight work is finished or released by run()."""
@@ -73,6 +81,7 @@ class Worker:
     def run(self) -> int:
         """Deliver until stopped (or, with drain, until nothing is pending or in flight). Returns 0."""
         self.wait_for_database()
+        self._start_side_services()
         event(log, logging.INFO, "worker started", owner=self.settings.owner, endpoint=self.settings.endpoint,
               concurrency=self.settings.concurrency, rate_limit=self.settings.rate_limit,
               lease_s=self.settings.lease.total_seconds())
@@ -84,8 +93,19 @@ class Worker:
             self._shutdown()
         return 0
 
+    def _start_side_services(self) -> None:
+        if self.settings.metrics_port:
+            port = self.metrics.start_http_server(self.settings.metrics_port)
+            event(log, logging.INFO, "metrics served", port=port, path="/metrics")
+        if self.settings.retain_delivered:
+            threading.Thread(target=self._retention, name="fp-outbox-retention", daemon=True).start()
+        self.notifier.ready()  # connected, schema present: claiming starts now
+        self.notifier.status("delivering")
+
     def _step(self) -> bool:
         """One turn of the loop; False when a drain is complete."""
+        self.notifier.watchdog()
+        self._refresh_gauges()
         self._collect(timeout=0)
         self._settle(force=not self._inflight)
         started = self._claim_and_start()
@@ -123,8 +143,9 @@ class Worker:
         if wait > self.settings.lease.total_seconds() / 2:
             # A long global pause (after a 429): hand the rows back rather than sit on them.
             self._release([row.id for row in rows])
-            self._stopping.wait(wait - 1.0)
+            self._pause(wait - 1.0)
             return 0
+        self.metrics.waited_for_rate_limit(wait)
         if wait > 0 and self._stopping.wait(wait):
             self._release([row.id for row in rows])
             return 0
@@ -133,7 +154,7 @@ class Worker:
                 self._record(row, Dead(f"abandoned after {row.attempts - 1} claims without a result "
                                        "(its workers died or lost the lease while sending it)"))
                 continue
-            future = self._pool.submit(self.sender.send, row)
+            future = self._pool.submit(self._timed_send, row)
             self._inflight[future] = row
             future.add_done_callback(self._done.put)
         return len(rows)
@@ -142,7 +163,15 @@ class Worker:
         """Wait for `count` requests of the shared budget (used by in-process re-sends)."""
         wait = self.store.acquire_permits(count, self._rate)
         if wait > 0:
+            self.metrics.waited_for_rate_limit(wait)
             time.sleep(wait)
+
+    def _timed_send(self, row: Claimed) -> Outcome:
+        started = time.perf_counter()
+        try:
+            return self.sender.send(row)
+        finally:
+            self.metrics.observe_send(time.perf_counter() - started)
 
     # -- send results --------------------------------------------------------------------------
     def _collect(self, timeout: float) -> None:
@@ -187,6 +216,11 @@ class Worker:
                                      [o.reason for _, o in dead])
         self._pause_on_429(outcomes)
         self.totals.update(delivered=len(delivered), retried=len(retry), dead=len(dead))
+        self.metrics.delivered(len(delivered))
+        for _, outcome, _ in retry:
+            self.metrics.retried(outcome.reason, outcome.status)
+        for _, outcome in dead:
+            self.metrics.dead(outcome.reason, outcome.status)
         for row, outcome in dead:
             event(log, logging.WARNING, "event dead", id=row.id, status=outcome.status, reason=outcome.reason)
         if retry:
@@ -205,6 +239,7 @@ class Worker:
 
     # -- stop ----------------------------------------------------------------------------------
     def _shutdown(self) -> None:
+        self.notifier.stopping()
         self._listener.close()
         deadline = time.monotonic() + self.settings.shutdown_grace.total_seconds()
         while self._inflight and time.monotonic() < deadline:
@@ -214,8 +249,10 @@ class Worker:
         if leftover:
             self._release(leftover)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics.stop_http_server()
         event(log, logging.INFO, "worker stopped", **self.totals, released=len(leftover),
               unsettled=len(self._outcomes))
+        self.notifier.close()
 
     def _release(self, ids: list[int]) -> None:
         try:
@@ -252,7 +289,7 @@ class Worker:
         delay = min(30.0, 0.25 * 2 ** min(self._db_failures, 8)) * (0.5 + random.random() / 2)
         event(log, logging.WARNING, "database unavailable, backing off", error=str(exc),
               retry_in_s=round(delay, 2), failures=self._db_failures)
-        self._stopping.wait(delay)
+        self._pause(delay)
 
     def _unfinished(self) -> bool:
         try:
@@ -260,6 +297,39 @@ class Worker:
         except DatabaseUnavailable as exc:
             self._database_trouble(exc)
             return True
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait up to `seconds` (True if stopped meanwhile), still feeding the systemd watchdog."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stopping.wait(min(left, 1.0)):
+                return True
+            self.notifier.watchdog()
+        return self._stopping.is_set()
+
+    def _refresh_gauges(self) -> None:
+        self.metrics.set_in_flight(len(self._inflight))
+        now = time.monotonic()
+        if not self.settings.metrics_port or now - self._gauges_read_at < QUEUE_GAUGES_EVERY:
+            return
+        self._gauges_read_at = now
+        try:
+            self.metrics.refresh_queue(self.engine)
+        except SQLAlchemyError as exc:  # a scrape with stale gauges beats a stalled loop
+            event(log, logging.DEBUG, "queue gauges not refreshed", error=_first_line(exc))
+
+    def _retention(self) -> None:
+        """Purge delivered rows past the retention age, in bounded batches, on a thread of its own."""
+        every = min(RETENTION_EVERY, max(1.0, self.settings.retain_delivered.total_seconds() / 2))
+        while not self._stopping.wait(every):
+            try:
+                purged = purge_delivered(self.engine, self.settings.retain_delivered)
+            except SQLAlchemyError as exc:
+                event(log, logging.WARNING, "retention purge failed; trying again later", error=_first_line(exc))
+                continue
+            if purged:
+                event(log, logging.INFO, "purged delivered rows", count=purged,
+                      older_than_s=self.settings.retain_delivered.total_seconds())
 
     def _maybe_summarise(self) -> None:
         since, before = self._last_summary

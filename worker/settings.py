@@ -32,6 +32,9 @@ OPTIONS: list[tuple[str, str | None, object, type, str]] = [
     ("--poll-interval", "FP_OUTBOX_POLL_INTERVAL", 1.0, float, "seconds between polls when no notification came"),
     ("--startup-timeout", "FP_OUTBOX_STARTUP_TIMEOUT", 60.0, float, "seconds to keep trying to reach the database at start"),
     ("--log-format", "FP_OUTBOX_LOG_FORMAT", "text", str, "text (key=value) or json"),
+    ("--metrics-port", "FP_OUTBOX_METRICS_PORT", 0, int, "serve Prometheus /metrics on this port (0: off)"),
+    ("--retain-delivered", "FP_OUTBOX_RETAIN_DELIVERED", "7d", str,
+     "purge delivered rows older than this (7d, 12h, ...; off: keep them)"),
 ]
 
 # Inline retries wait 0.1 s, 0.2 s, 0.4 s ... at most this long each; longer waits go to the row.
@@ -56,6 +59,8 @@ class Settings:
     startup_timeout: timedelta
     drain: bool = False
     log_format: str = "text"
+    metrics_port: int | None = None
+    retain_delivered: timedelta | None = timedelta(days=7)
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
 
     @property
@@ -113,6 +118,8 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         startup_timeout=_duration("--startup-timeout", values["startup_timeout"]),
         drain=bool(args.drain),
         log_format=_choice("--log-format", values["log_format"], ("text", "json")),
+        metrics_port=_port("--metrics-port", values["metrics_port"]),
+        retain_delivered=_retention("--retain-delivered", values["retain_delivered"]),
     )
     if settings.backoff.cap < settings.backoff.base:
         raise ConfigError("--retry-cap must be at least --retry-base; raise the cap or lower the base")
@@ -143,6 +150,23 @@ def _duration(name: str, value: float) -> timedelta:
         return timedelta(seconds=_positive(name, value))
     except OverflowError:
         raise ConfigError(f"{name} is too large to be a duration: {value!r} seconds") from None
+
+
+def _port(name: str, value: int) -> int | None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{name} must be a TCP port (1-65535), or 0 for none; got {value}")
+    return value or None
+
+
+def _retention(name: str, value: str) -> timedelta | None:
+    if value.strip().lower() in ("off", "0", "none"):
+        return None
+    from worker.ops import parse_duration
+
+    try:
+        return parse_duration(value.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}; or 'off' to keep delivered rows") from None
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:

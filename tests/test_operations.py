@@ -1,0 +1,101 @@
+"""The worker as a service: sd_notify datagrams, the Prometheus endpoint, retention, structured logs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+
+import requests
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+import outbox
+from tests.conftest import TOKEN, status_of, wait_until
+
+FAST = ["--connect-timeout", "0.5", "--read-timeout", "1", "--poll-interval", "0.2"]
+
+
+def _enqueue(engine, count: int, name: str = "E") -> list[str]:
+    with Session(engine) as session:
+        ids = outbox.enqueue_many(session, [{"event": name, "properties": {"distinct_id": f"u{i}"}} for i in range(count)])
+        session.commit()
+    return ids
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_ready_watchdog_and_stopping_reach_the_notify_socket(clean, db_url, sink, workers, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # plays systemd's part
+    manager.bind(path)
+    manager.settimeout(10)
+    worker = workers(db_url, sink.url, *FAST, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    messages = []
+
+    def receive_until(wanted: str) -> None:
+        deadline = time.monotonic() + 20
+        while wanted not in messages and time.monotonic() < deadline:
+            messages.append(manager.recv(4096).decode())
+
+    receive_until("READY=1")
+    receive_until("WATCHDOG=1")
+    worker.signal(signal.SIGTERM)
+    receive_until("STOPPING=1")
+    assert worker.wait(30) == 0, worker.output()
+    manager.close()
+    assert messages.index("READY=1") < messages.index("STOPPING=1")
+    assert messages.count("WATCHDOG=1") >= 1
+
+
+def test_metrics_endpoint_counts_deliveries_and_dead_letters(clean, db_url, sink, workers):
+    _enqueue(clean, 20)
+    _enqueue(clean, 3, name="Rejected")
+    sink.set_faults(reject_events={"Rejected": 400})
+    port = _free_port()
+    worker = workers(db_url, sink.url, *FAST, "--metrics-port", str(port))
+    assert wait_until(lambda: status_of(clean) == {"delivered": 20, "dead": 3}, 30), worker.output()
+
+    def scrape() -> str:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except requests.ConnectionError:
+            return ""
+
+    assert wait_until(lambda: "fp_outbox_delivered_total 20.0" in scrape(), 20), scrape()
+    body = scrape()
+    assert 'fp_outbox_dead_total{reason="http_4xx"} 3.0' in body
+    assert "fp_outbox_send_seconds_count 23.0" in body
+    assert "fp_outbox_in_flight" in body and "fp_outbox_queue_depth" in body
+    assert TOKEN not in body
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+
+
+def test_worker_purges_delivered_rows_past_retention(clean, db_url, sink, workers):
+    _enqueue(clean, 30)
+    with clean.begin() as conn:  # a dead row is kept whatever its age: only delivered rows expire
+        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, dead_at)"
+                          " VALUES ('old-dead', 'E', '{}', 'dead', now() - interval '1 day')"))
+    worker = workers(db_url, sink.url, *FAST, "--retain-delivered", "2s")
+    assert wait_until(lambda: status_of(clean).get("delivered") == 30, 30), worker.output()
+    assert wait_until(lambda: status_of(clean) == {"dead": 1}, 30), worker.output()
+    assert "purged delivered rows" in worker.output()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+
+
+def test_json_logs_name_events_but_never_the_token_or_payload(clean, db_url, sink, workers):
+    _enqueue(clean, 2, name="Rejected")
+    sink.set_faults(reject_events={"Rejected": 400})
+    worker = workers(db_url, sink.url, *FAST, "--drain", "--log-format", "json")
+    assert worker.wait(30) == 0, worker.output()
+    lines = [json.loads(line) for line in worker.output().splitlines() if line.strip()]
+    dead = [line for line in lines if line["msg"] == "event dead"]
+    assert len(dead) == 2 and all(isinstance(line["id"], int) and line["status"] == 400 for line in dead)
+    assert TOKEN not in worker.output() and "distinct_id" not in worker.output()
