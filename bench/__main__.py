@@ -78,8 +78,10 @@ def bench_drain(engine, url: str, args) -> dict:
     posting the same payloads from memory with the same concurrency (the cost of durability, isolated)."""
     figures = {"events": args.events, "concurrency": args.concurrency, "receiver_latency_ms": args.latency_ms}
     with Sink(burst_limit=None, latency=args.latency_ms / 1000) as sink:
+        capacity = _receiver_capacity(sink.url, args.events, args.concurrency)
         loop = _plain_loop(sink.url, args.events, args.concurrency)
-        figures.update(plain_loop_events_per_s=round(loop["rate"]), plain_loop_cpu_ms_per_event=round(loop["cpu_ms"], 3))
+        figures.update(receiver_capacity_per_s=round(capacity),
+                       plain_loop_events_per_s=round(loop["rate"]), plain_loop_cpu_ms_per_event=round(loop["cpu_ms"], 3))
         for count in args.worker_counts:
             rate, cpu_ms = _drain_once(engine, url, sink, args, count)
             figures.update({f"workers_{count}_events_per_s": round(rate), f"workers_{count}_cpu_ms_per_event": round(cpu_ms, 3),
@@ -379,6 +381,17 @@ def _plain_loop(url: str, events: int, concurrency: int) -> dict:
                          check=True, capture_output=True, text=True, timeout=1800)
     figures = json.loads(out.stdout)
     return {"rate": events / figures["seconds"], "cpu_ms": figures["cpu"] / events * 1e3}
+
+
+def _receiver_capacity(url: str, events: int, concurrency: int) -> float:
+    """What the receiver absorbs from two plain loops at once (double the concurrency): its headroom
+    over what one worker asks of it."""
+    cmd = [sys.executable, "-c", PLAIN_LOOP, url, str(events // 2), str(concurrency)]
+    started = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL) for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(1800) == 0
+    return (events // 2) * 2 / (time.perf_counter() - started)
 
 
 def _children_cpu() -> float:
