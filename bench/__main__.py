@@ -91,12 +91,7 @@ def bench_drain(engine, url: str, args) -> dict:
 
 
 def _drain_once(engine, url: str, sink: Sink, args, workers: int) -> tuple[float, float]:
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
-    for start in range(0, args.events, 1000):
-        with Session(engine) as session:
-            outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
-            session.commit()
+    _fresh_backlog(engine, args.events)
     sink.clear()
     cpu_before = _children_cpu()
     started = time.perf_counter()
@@ -116,13 +111,7 @@ def _drain_once(engine, url: str, sink: Sink, args, workers: int) -> tuple[float
 def bench_faults(engine, url: str, args) -> dict:
     """The failure trial: drain a backlog while the receiver fails a third of its requests for 10 s and
     the worker is killed twice (default settings, as a user runs it); count what was lost or duplicated."""
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
-    committed, rejected = [], []
-    for start in range(0, args.events, 1000):
-        with Session(engine) as session:
-            committed += outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
-            session.commit()
+    committed = _fresh_backlog(engine, args.events)
     with Session(engine) as session:
         rolled_back = outbox.enqueue_many(session, [_event(i) for i in range(200)])
         session.rollback()
@@ -204,12 +193,7 @@ def bench_latency(engine, url: str, args) -> dict:
 
 def bench_rate(engine, url: str, args) -> dict:
     """Several workers under one --rate-limit: the achieved rate and the busiest one-second window."""
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
-    for start in range(0, args.events, 1000):
-        with Session(engine) as session:
-            outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
-            session.commit()
+    _fresh_backlog(engine, args.events)
     with Sink(burst_limit=None) as sink:
         cmd = [sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url, "--token", "bench-token",
                "--drain", "--rate-limit", str(args.rate_limit)]
@@ -304,12 +288,7 @@ def bench_cycle(engine, url: str, args) -> dict:
         def send(self, row):
             return Delivered(200)
 
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
-    for start in range(0, args.events, 1000):
-        with Session(engine) as session:
-            outbox.enqueue_many(session, [_event(i) for i in range(start, min(args.events, start + 1000))])
-            session.commit()
+    _fresh_backlog(engine, args.events)
     settings = from_args(build_parser().parse_args(
         ["--database-url", url, "--drain", "--rate-limit", "1000000", "--concurrency", "100"]), environ={})
     worker = Worker(settings)
@@ -381,6 +360,18 @@ def _plain_loop(url: str, events: int, concurrency: int) -> dict:
                          check=True, capture_output=True, text=True, timeout=1800)
     figures = json.loads(out.stdout)
     return {"rate": events / figures["seconds"], "cpu_ms": figures["cpu"] / events * 1e3}
+
+
+def _fresh_backlog(engine, events: int) -> list[str]:
+    """An outbox holding exactly `events` pending events (enqueued 1,000 per transaction)."""
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+    ids = []
+    for start in range(0, events, 1000):
+        with Session(engine) as session:
+            ids += outbox.enqueue_many(session, [_event(i) for i in range(start, min(events, start + 1000))])
+            session.commit()
+    return ids
 
 
 def _receiver_capacity(url: str, events: int, concurrency: int) -> float:

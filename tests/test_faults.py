@@ -133,8 +133,7 @@ def test_connection_cut_in_the_middle_of_a_claim(clean, db_url, sink, workers):
     with clean.connect() as blocker:
         blocker.execute(text("LOCK TABLE fp_outbox_events IN EXCLUSIVE MODE"))  # the claim must wait
         worker = workers(db_url, sink.url, "--drain", *FAST)
-        pid = None
-        assert wait_until(lambda: (pid := _backend_waiting_on(clean, "SET status = 'in_flight'")) is not None, 30), \
+        assert wait_until(lambda: _backend_waiting_on(clean, "SET status = 'in_flight'") is not None, 30), \
             worker.output()
         _terminate(clean, _backend_waiting_on(clean, "SET status = 'in_flight'"))
         blocker.rollback()

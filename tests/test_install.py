@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import site
 import subprocess
 import sys
 import sysconfig

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
