@@ -123,8 +123,11 @@ def _backend_waiting_on(engine, fragment: str) -> int | None:
             " AND wait_event_type = 'Lock' AND query LIKE :q"), {"q": f"%{fragment}%"}).scalar()
 
 
-def _terminate(engine, pid: int) -> None:
+def _cut_when_waiting(engine, fragment: str, worker) -> None:
+    """Wait until the worker's statement containing `fragment` waits on the test's lock, then kill its backend."""
+    assert wait_until(lambda: _backend_waiting_on(engine, fragment) is not None, 30), worker.output()
     with engine.connect() as conn:
+        pid = _backend_waiting_on(engine, fragment)
         assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
 
 
@@ -133,9 +136,7 @@ def test_connection_cut_in_the_middle_of_a_claim(clean, db_url, sink, workers):
     with clean.connect() as blocker:
         blocker.execute(text("LOCK TABLE fp_outbox_events IN EXCLUSIVE MODE"))  # the claim must wait
         worker = workers(db_url, sink.url, "--drain", *FAST)
-        assert wait_until(lambda: _backend_waiting_on(clean, "SET status = 'in_flight'") is not None, 30), \
-            worker.output()
-        _terminate(clean, _backend_waiting_on(clean, "SET status = 'in_flight'"))
+        _cut_when_waiting(clean, "SET status = 'in_flight'", worker)
         blocker.rollback()
     assert worker.wait(90) == 0, worker.output()
     assert "database unavailable, backing off" in worker.output()
@@ -151,9 +152,7 @@ def test_connection_cut_in_the_middle_of_a_settle(clean, db_url, sink, workers):
     assert wait_until(lambda: status_of(clean).get("in_flight", 0) == 20, 30), worker.output()
     with clean.connect() as blocker:
         blocker.execute(text("SELECT id FROM fp_outbox_events WHERE status = 'in_flight' FOR UPDATE"))
-        assert wait_until(lambda: _backend_waiting_on(clean, "SET status = 'delivered'") is not None, 30), \
-            worker.output()
-        _terminate(clean, _backend_waiting_on(clean, "SET status = 'delivered'"))
+        _cut_when_waiting(clean, "SET status = 'delivered'", worker)
         blocker.rollback()
     assert worker.wait(90) == 0, worker.output()
     assert "database unavailable, backing off" in worker.output()
