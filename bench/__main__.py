@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox.db import make_engine, normalise_url, upgrade
-from worker.sink import Sink
+from worker.devtools.sink import Sink
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -280,9 +280,9 @@ def bench_cycle(engine, url: str, args) -> dict:
     against pgqueuer draining the same number of no-op jobs, batches of 100, on the same database."""
     import asyncio
 
-    from worker.loop import Worker
-    from worker.policy import Delivered
-    from worker.settings import build_parser, from_args
+    from worker.engine.loop import Worker
+    from worker.engine.policy import Delivered
+    from worker.engine.settings import build_parser, from_args
 
     class InstantTransport:
         def send(self, row):
@@ -398,7 +398,7 @@ def _database(args):
         upgrade(url)
         yield url
         return
-    from worker.embedded import embedded_database
+    from worker.devtools.embedded import embedded_database
 
     with tempfile.TemporaryDirectory() as scratch, embedded_database(Path(scratch) / "pg", delete=True) as url:
         yield url

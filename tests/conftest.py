@@ -100,7 +100,7 @@ def clean(engine: Engine) -> Engine:
 
 @pytest.fixture
 def sink() -> Iterator:
-    from worker.sink import Sink
+    from worker.devtools.sink import Sink
 
     with Sink(burst_limit=None) as receiver:
         yield receiver

@@ -9,10 +9,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from worker import metrics as metrics_module
-from worker.metrics import REASONS, Metrics, reason_label
-from worker.policy import Dead, Retry, classify_exception, classify_response
-from worker.sender import MALFORMED, NO_TOKEN
+from worker.engine import metrics as metrics_module
+from worker.engine.metrics import REASONS, Metrics, reason_label
+from worker.engine.policy import Dead, Retry, classify_exception, classify_response
+from worker.engine.sender import MALFORMED, NO_TOKEN
 
 
 @pytest.mark.parametrize("reason, status, label", [

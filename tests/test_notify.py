@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.notify import Notifier
+from worker.engine.notify import Notifier
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from sqlalchemy import text
 import outbox
 from tests.conftest import create_database, drop_database, status_of, url_string
 from tests.test_admin_queries import ROWS, _rows, _seed
-from worker import ops
+from worker.admin import commands as ops
 from worker.admin import main
 
 

@@ -10,7 +10,7 @@ import pytest
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from worker.policy import (
+from worker.engine.policy import (
     EXCERPT_CHARS,
     Backoff,
     Dead,

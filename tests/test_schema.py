@@ -12,7 +12,7 @@ from sqlalchemy import text
 from outbox.db import alembic_config, make_engine, upgrade
 from outbox.schema import VERSION_TABLE, metadata
 from tests.conftest import create_database, drop_database
-from worker import queries
+from worker.engine import queries
 
 
 def test_history_from_empty_equals_metadata(engine):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from outbox.db import ConfigError
-from worker.settings import DEFAULT_ENDPOINT, build_parser, from_args
+from worker.engine.settings import DEFAULT_ENDPOINT, build_parser, from_args
 
 URL = "postgresql://app@127.0.0.1:5432/app"
 ENV = {"FP_OUTBOX_DATABASE_URL": URL}

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from worker import sink as sink_module
-from worker.sink import Sink
+from worker.devtools import sink as sink_module
+from worker.devtools.sink import Sink
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "tok-sink-test-secret"
@@ -293,7 +293,7 @@ def test_cli_refuses_a_port_in_use(capsys):
 
 def test_cli_prints_each_event_without_the_token_and_final_counts_on_sigint(tmp_path):
     output = tmp_path / "out.txt"
-    code = ("import argparse, sys; from worker import sink; p = argparse.ArgumentParser(); "
+    code = ("import argparse, sys; from worker.devtools import sink; p = argparse.ArgumentParser(); "
             "sink.add_arguments(p); sys.exit(sink.run(p.parse_args(sys.argv[1:])))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     with output.open("w") as out:

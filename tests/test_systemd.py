@@ -13,9 +13,9 @@ import pytest
 
 import outbox
 from tests.conftest import REPO, status_of, url_string
-from worker import ops
+from worker.admin import commands as ops
 
-SHIPPED = REPO / "worker" / "systemd"
+SHIPPED = REPO / "worker" / "admin" / "systemd"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or ("/usr/bin/systemd-analyze"
                                                       if Path("/usr/bin/systemd-analyze").exists() else None)
 

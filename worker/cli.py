@@ -8,9 +8,9 @@ import signal
 import sys
 
 from outbox.db import ConfigError
-from worker import logs
-from worker.embedded import database_flag
-from worker.settings import Settings, build_parser, from_args
+from worker.engine import logs
+from worker.devtools.embedded import database_flag
+from worker.engine.settings import Settings, build_parser, from_args
 
 log = logging.getLogger("fp_outbox.worker")
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(settings: Settings) -> int:
     logs.configure(settings.log_format)
-    from worker.loop import StartupError, Worker  # after settings: a config error needs no imports
+    from worker.engine.loop import StartupError, Worker  # after settings: a config error needs no imports
 
     worker = Worker(settings)
     _install_signal_handlers(worker)

@@ -24,7 +24,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from outbox.db import database_url, make_engine
-from worker.embedded import database_flag
+from worker.devtools.embedded import database_flag
 
 # -- statements ------------------------------------------------------------------------------------
 
@@ -514,7 +514,7 @@ def _confirm(action: str, note: str, args: argparse.Namespace) -> None:
 
 def unit_text(instance: bool = False, exec_start: str | None = None) -> str:
     """The shipped unit file (or the @ template), with ExecStart pointed at `exec_start` if given."""
-    unit = resources.files("worker").joinpath("systemd", UNIT_NAMES[instance]).read_text()
+    unit = resources.files("worker.admin").joinpath("systemd", UNIT_NAMES[instance]).read_text()
     if exec_start is None:
         return unit
     if not exec_start.startswith("/") or any(c.isspace() for c in exec_start):

@@ -19,14 +19,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from outbox.db import ConfigError, make_engine
 from outbox.schema import NOTIFY_CHANNEL, events
-from worker.logs import event
-from worker.metrics import Metrics
-from worker.notify import Notifier
-from worker.ops import purge_delivered
-from worker.policy import Dead, Delivered, Outcome, Retry
-from worker.sender import Sender
-from worker.settings import Settings
-from worker.store import Claimed, DatabaseUnavailable, Store
+from worker.engine.logs import event
+from worker.engine.metrics import Metrics
+from worker.engine.notify import Notifier
+from worker.admin.commands import purge_delivered
+from worker.engine.policy import Dead, Delivered, Outcome, Retry
+from worker.engine.sender import Sender
+from worker.engine.settings import Settings
+from worker.engine.store import Claimed, DatabaseUnavailable, Store
 
 log = logging.getLogger("fp_outbox.worker")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from worker import queries
+from worker.engine import queries
 
 log = logging.getLogger("fp_outbox.worker")
 

@@ -13,9 +13,9 @@ from requests.adapters import HTTPAdapter
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, wait_exponential_jitter
 
 from outbox import __version__
-from worker.policy import Dead, Outcome, Retry, classify_exception, classify_response, redact
-from worker.settings import INLINE_WAIT_CAP, Settings
-from worker.store import Claimed, DatabaseUnavailable
+from worker.engine.policy import Dead, Outcome, Retry, classify_exception, classify_response, redact
+from worker.engine.settings import INLINE_WAIT_CAP, Settings
+from worker.engine.store import Claimed, DatabaseUnavailable
 
 NO_TOKEN = ("no token: the event carries no properties.token and the worker has none; "
             "set FP_OUTBOX_TOKEN (or --token) and requeue")

@@ -1,5 +1,5 @@
 """`fp-outbox`: the admin command (migrate, status; stuck, dead, requeue, purge and systemd-unit from
-worker.ops) and the development tools (sink, demo)."""
+worker.admin.commands) and the development tools (sink, demo)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import json
 import sys
 
 from outbox.db import ConfigError, database_url, upgrade
-from worker import ops, queries
-from worker.embedded import database_flag
+from worker.admin import commands as ops
+from worker.engine import queries
+from worker.devtools.embedded import database_flag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     ops.add_commands(commands, _database_flag)
 
     sink = commands.add_parser("sink", help="a local /track receiver for development")
-    sink.set_defaults(run=_lazy("worker.sink"))
-    _arguments_from(sink, "worker.sink")
+    sink.set_defaults(run=_lazy("worker.devtools.sink"))
+    _arguments_from(sink, "worker.devtools.sink")
 
     demo = commands.add_parser("demo", help="the whole job on an embedded database, with a verdict")
-    demo.set_defaults(run=_lazy("worker.demo"))
-    _arguments_from(demo, "worker.demo")
+    demo.set_defaults(run=_lazy("worker.devtools.demo"))
+    _arguments_from(demo, "worker.devtools.demo")
     return parser
 
 
