@@ -280,9 +280,7 @@ def bench_cycle(engine, url: str, args) -> dict:
     against pgqueuer draining the same number of no-op jobs, batches of 100, on the same database."""
     import asyncio
 
-    from worker.engine.loop import Worker
-    from worker.engine.policy import Delivered
-    from worker.engine.settings import build_parser, from_args
+    from worker.engine import Delivered, Worker, build_parser, from_args
 
     class InstantTransport:
         def send(self, row):
@@ -329,7 +327,7 @@ async def _pgqueuer_drain(dsn: str, jobs: int) -> float:
 
 
 def _status(engine) -> dict:
-    from worker.admin import status_counts
+    from worker.engine import status_counts
 
     return status_counts(engine)
 

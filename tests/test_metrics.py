@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from worker.engine import metrics as metrics_module
+from worker.engine import queries
 from worker.engine.metrics import REASONS, Metrics, reason_label
 from worker.engine.policy import Dead, Retry, classify_exception, classify_response
 from worker.engine.sender import MALFORMED, NO_TOKEN
@@ -118,6 +118,6 @@ def test_queue_figures_come_from_partial_indexes_with_many_delivered_rows(clean)
             " SELECT 'x' || g, 'E', '{}'::jsonb, 'dead', now() FROM generate_series(1, 5) g"))
         conn.execute(text("ANALYZE fp_outbox_events"))
     with clean.connect() as conn:
-        plan = "\n".join(conn.execute(text("EXPLAIN " + metrics_module.QUEUE_DEPTH.text)).scalars())
+        plan = "\n".join(conn.execute(text("EXPLAIN " + queries.QUEUE_DEPTH.text)).scalars())
     assert "fp_outbox_events_due_idx" in plan and "fp_outbox_events_dead_idx" in plan, plan
     assert "Seq Scan" not in plan, plan

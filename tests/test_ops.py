@@ -13,8 +13,8 @@ from sqlalchemy import text
 import outbox
 from tests.conftest import create_database, drop_database, status_of, url_string
 from tests.test_admin_queries import ROWS, _rows, _seed
-from worker.admin import commands as ops
 from worker.admin import main
+from worker.engine import DEFAULT_RETAIN_DELIVERED, parse_duration, parse_retention, purge_dead, purge_delivered
 
 
 @pytest.fixture
@@ -48,20 +48,20 @@ class _Terminal(io.StringIO):
     (" 0s ", 0),
 ])
 def test_durations(given, seconds):
-    assert ops.parse_duration(given) == timedelta(seconds=seconds)
+    assert parse_duration(given) == timedelta(seconds=seconds)
 
 
 @pytest.mark.parametrize("given", ["", "7", "d", "7x", "-1d", "7 days", "1h30m"])
 def test_bad_durations_say_how_to_write_one(given):
     with pytest.raises(ValueError, match="e.g. 7d, 12h, 30m or 90s"):
-        ops.parse_duration(given)
+        parse_duration(given)
 
 
 def test_retention_is_a_duration_or_off():
-    assert ops.parse_retention("7d") == timedelta(days=7) == ops.DEFAULT_RETAIN_DELIVERED
-    assert ops.parse_retention(" OFF ") is None
+    assert parse_retention("7d") == timedelta(days=7) == DEFAULT_RETAIN_DELIVERED
+    assert parse_retention(" OFF ") is None
     with pytest.raises(ValueError, match="e.g. 7d"):
-        ops.parse_retention("never")
+        parse_retention("never")
 
 
 def test_a_bad_duration_flag_exits_2_naming_it(fp):
@@ -244,9 +244,9 @@ def test_purge_needs_something_to_purge(fp):
 
 def test_purge_delivered_is_bounded_per_call(clean):
     _delivered(clean, 10, "8 days")
-    assert ops.purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=2) == 6
-    assert ops.purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=2) == 4
-    assert ops.purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=2) == 0
+    assert purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=2) == 6
+    assert purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=2) == 4
+    assert purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=2) == 0
 
 
 def test_purge_delivered_keeps_young_and_unfinished_rows(clean):
@@ -257,7 +257,7 @@ def test_purge_delivered_keeps_young_and_unfinished_rows(clean):
                           " VALUES ('old-pending', 'E', '{}', now() - interval '20 days')"))
     _delivered(clean, 4, "8 days")  # these follow the recent ones in id order
     _delivered(clean, 6, "1 hour")
-    assert ops.purge_delivered(clean, timedelta(days=7), batch_size=2, max_batches=100) == 9
+    assert purge_delivered(clean, timedelta(days=7), batch_size=2, max_batches=100) == 9
     assert status_of(clean) == {"delivered": 9, "pending": 1}
 
 
@@ -272,7 +272,7 @@ def test_purge_stops_walking_at_rows_younger_than_the_cutoff(clean):
         return original()
     clean.begin = counting_begin
     try:
-        assert ops.purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=100) == 4
+        assert purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=100) == 4
     finally:
         del clean.begin
     assert len(batches) == 3  # not 18: the walk ends with the first batch of young rows only
@@ -284,8 +284,8 @@ def test_purge_dead_is_bounded_and_uses_dead_at(clean):
             "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, dead_at)"
             " SELECT 'd' || g, 'E', '{}', 'dead', now() - make_interval(days => g, hours => -12)"
             " FROM generate_series(1, 10) g"))  # dead 0.5 .. 9.5 days ago
-    assert ops.purge_dead(clean, timedelta(days=5), batch_size=2, max_batches=2) == 4
-    assert ops.purge_dead(clean, timedelta(days=5), batch_size=2, max_batches=10) == 1
+    assert purge_dead(clean, timedelta(days=5), batch_size=2, max_batches=2) == 4
+    assert purge_dead(clean, timedelta(days=5), batch_size=2, max_batches=10) == 1
     assert status_of(clean) == {"dead": 5}
 
 

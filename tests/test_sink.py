@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from worker.devtools import sink as sink_module
+from worker.devtools import sink_cli
 from worker.devtools.sink import Sink
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,7 +266,7 @@ def test_stop_is_idempotent_and_cuts_keep_alive_connections():
 
 def _args(*flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    sink_module.add_arguments(parser)
+    sink_cli.add_arguments(parser)
     return parser.parse_args(list(flags))
 
 
@@ -279,7 +280,7 @@ def _args(*flags: str) -> argparse.Namespace:
 ])
 def test_cli_refuses_bad_flags_with_exit_2_naming_the_flag(capsys, flags, named):
     with pytest.raises(SystemExit) as exited:
-        sink_module.run(_args(*flags))
+        sink_cli.run(_args(*flags))
     assert exited.value.code == 2 and named in capsys.readouterr().err
 
 
@@ -287,13 +288,13 @@ def test_cli_refuses_a_port_in_use(capsys):
     with Sink() as taken:
         port = _address(taken)[1]
         with pytest.raises(SystemExit) as exited:
-            sink_module.run(_args("--port", str(port)))
+            sink_cli.run(_args("--port", str(port)))
     assert exited.value.code == 2 and "--port" in capsys.readouterr().err
 
 
 def test_cli_prints_each_event_without_the_token_and_final_counts_on_sigint(tmp_path):
     output = tmp_path / "out.txt"
-    code = ("import argparse, sys; from worker.devtools import sink; p = argparse.ArgumentParser(); "
+    code = ("import argparse, sys; from worker.devtools import sink_cli as sink; p = argparse.ArgumentParser(); "
             "sink.add_arguments(p); sys.exit(sink.run(p.parse_args(sys.argv[1:])))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     with output.open("w") as out:

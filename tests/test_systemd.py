@@ -13,7 +13,7 @@ import pytest
 
 import outbox
 from tests.conftest import REPO, status_of, url_string
-from worker.admin import commands as ops
+from worker.admin import units
 
 SHIPPED = REPO / "worker" / "admin" / "systemd"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or ("/usr/bin/systemd-analyze"
@@ -35,8 +35,8 @@ def test_systemd_analyze_verify_passes(tmp_path, instance):
     # verify checks that ExecStart's binary exists, and /opt/fp-outbox/venv does not exist here: the copy
     # under test points ExecStart at this environment's fp-outbox-worker (or /bin/true) instead.
     worker = Path(sys.executable).parent / "fp-outbox-worker"
-    unit = ops.unit_text(instance, exec_start=str(worker) if worker.exists() else "/bin/true")
-    path = tmp_path / ops.UNIT_NAMES[instance]
+    unit = units.unit_text(instance, exec_start=str(worker) if worker.exists() else "/bin/true")
+    path = tmp_path / units.UNIT_NAMES[instance]
     path.write_text(unit)
     result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(path)], capture_output=True, text=True, timeout=60,
                             cwd=tmp_path)
@@ -47,10 +47,10 @@ def test_systemd_analyze_verify_passes(tmp_path, instance):
 
 @pytest.mark.parametrize("instance", [False, True], ids=["service", "template"])
 def test_the_units_say_what_the_issue_asks(instance):
-    settings = _settings((SHIPPED / ops.UNIT_NAMES[instance]).read_text())
+    settings = _settings((SHIPPED / units.UNIT_NAMES[instance]).read_text())
     expected = {
         "Type": "notify", "NotifyAccess": "main", "WatchdogSec": "30", "Restart": "on-failure", "RestartSec": "2",
-        "ExecStart": ops.DEFAULT_EXEC_START, "DynamicUser": "yes", "NoNewPrivileges": "yes",
+        "ExecStart": units.DEFAULT_EXEC_START, "DynamicUser": "yes", "NoNewPrivileges": "yes",
         "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
         "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes", "ProtectControlGroups": "yes",
         "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "LockPersonality": "yes",
@@ -60,7 +60,7 @@ def test_the_units_say_what_the_issue_asks(instance):
     assert {key: settings[key][0] for key in expected} == expected
     assert settings["EnvironmentFile"][0] == "/etc/fp-outbox/worker.env"
     assert settings["EnvironmentFile"][1:] == (["-/etc/fp-outbox/worker-%i.env"] if instance else [])
-    assert settings["ExecStart"] == [ops.DEFAULT_EXEC_START]  # no token or URL on the command line
+    assert settings["ExecStart"] == [units.DEFAULT_EXEC_START]  # no token or URL on the command line
 
 
 def test_the_command_prints_the_shipped_units(capsys):
@@ -68,10 +68,10 @@ def test_the_command_prints_the_shipped_units(capsys):
 
     for instance in (False, True):
         assert main(["systemd-unit", *(["--instance"] if instance else [])]) == 0
-        assert capsys.readouterr().out == (SHIPPED / ops.UNIT_NAMES[instance]).read_text()
+        assert capsys.readouterr().out == (SHIPPED / units.UNIT_NAMES[instance]).read_text()
     assert main(["systemd-unit", "--exec-start", "/srv/app/.venv/bin/fp-outbox-worker"]) == 0
     out, err = capsys.readouterr()
-    assert "ExecStart=/srv/app/.venv/bin/fp-outbox-worker\n" in out and ops.DEFAULT_EXEC_START not in out
+    assert "ExecStart=/srv/app/.venv/bin/fp-outbox-worker\n" in out and units.DEFAULT_EXEC_START not in out
     assert "does not exist on this machine" in err
     assert main(["systemd-unit", "--exec-start", "venv/bin/fp-outbox-worker"]) == 2
     assert "absolute path" in capsys.readouterr().err

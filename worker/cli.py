@@ -1,4 +1,6 @@
-"""`fp-outbox-worker`: settings, logging and signals around the worker loop."""
+"""`fp-outbox-worker`: the daemon's front door. Flags and --embedded, logging and signals around the delivery
+engine's Worker; the one module that puts the engine and the development tools (the embedded PostgreSQL)
+together."""
 
 from __future__ import annotations
 
@@ -8,11 +10,8 @@ import signal
 import sys
 
 from outbox.db import ConfigError
-from worker.engine import logs
 from worker.devtools.embedded import database_flag
-from worker.engine.settings import Settings, build_parser, from_args
-
-log = logging.getLogger("fp_outbox.worker")
+from worker.engine import Settings, StartupError, Worker, build_parser, from_args, logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,23 +28,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(settings: Settings) -> int:
     logs.configure(settings.log_format)
-    from worker.engine.loop import StartupError, Worker  # after settings: a config error needs no imports
-
     worker = Worker(settings)
     _install_signal_handlers(worker)
     try:
         return worker.run()
     except ConfigError as exc:
-        logs.event(log, logging.ERROR, str(exc))
+        logs.event(logs.log, logging.ERROR, str(exc))
         return 2
     except StartupError as exc:
-        logs.event(log, logging.ERROR, str(exc))
+        logs.event(logs.log, logging.ERROR, str(exc))
         return 1
 
 
 def _install_signal_handlers(worker) -> None:
     def first(signum, _frame) -> None:
-        logs.event(log, logging.INFO, "stopping: finishing or releasing in-flight events",
+        logs.event(logs.log, logging.INFO, "stopping: finishing or releasing in-flight events",
                    signal=signal.Signals(signum).name)
         worker.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox.db import make_engine
-from worker.admin import status_counts
 from worker.devtools.embedded import embedded_database
 from worker.devtools.sink import Sink
+from worker.engine import status_counts
 
 DEMO_TOKEN = "demo-environment-id"
 # Short timeouts keep the lease (derived from them) short, so the killed worker's events come

@@ -1,1 +1,20 @@
-"""The delivery engine: claim due rows, send them to /track, settle the outcomes, and what serves that."""
+"""The delivery engine: claim due rows, send them to /track, settle the outcomes, and what serves that
+(settings, retry policy, rate limit, retention, metrics, logs, sd_notify).
+
+The engine imports neither the operator's command (worker.admin) nor the development tools
+(worker.devtools); they use the pieces named here, and only these.
+"""
+
+from worker.engine import logs
+from worker.engine.durations import DEFAULT_RETAIN_DELIVERED, format_duration, parse_duration, parse_retention
+from worker.engine.loop import StartupError, Worker
+from worker.engine.policy import Dead, Delivered, Outcome, Retry
+from worker.engine.retention import purge_dead, purge_delivered
+from worker.engine.settings import Settings, build_parser, from_args
+from worker.engine.store import Claimed, status_counts
+
+__all__ = [
+    "DEFAULT_RETAIN_DELIVERED", "Claimed", "Dead", "Delivered", "Outcome", "Retry", "Settings", "StartupError",
+    "Worker", "build_parser", "format_duration", "from_args", "logs", "parse_duration", "parse_retention",
+    "purge_dead", "purge_delivered", "status_counts",
+]

@@ -8,6 +8,8 @@ import time
 from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({})))
+#: The engine's one logger: every line of the worker carries this name (in JSON, "logger").
+log = logging.getLogger("fp_outbox.worker")
 
 
 def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
@@ -35,6 +37,12 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, default=str)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (driver errors run on for lines), or its class name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__
 
 
 def configure(log_format: str, level: int = logging.INFO) -> None:

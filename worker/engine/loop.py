@@ -22,8 +22,8 @@ from outbox.schema import NOTIFY_CHANNEL, events
 from worker.engine.logs import event
 from worker.engine.metrics import Metrics
 from worker.engine.notify import Notifier
-from worker.admin.commands import purge_delivered
 from worker.engine.policy import Dead, Delivered, Outcome, Retry
+from worker.engine.retention import start_retention
 from worker.engine.sender import Sender
 from worker.engine.settings import Settings
 from worker.engine.store import Claimed, DatabaseUnavailable, Store
@@ -38,7 +38,6 @@ CHUNK_FRACTION = 1 / 200
 SETTLE_DELAY = 0.05  # seconds an outcome may wait to be settled together with others
 SUMMARY_EVERY = 60.0
 QUEUE_GAUGES_EVERY = 15.0  # seconds between the queue-depth reads behind /metrics
-RETENTION_EVERY = 60.0  # at most this many seconds between purges of old delivered rows (own thread)
 
 
 class StartupError(Exception):
@@ -98,7 +97,7 @@ class Worker:
             port = self.metrics.start_http_server(self.settings.metrics_port)
             event(log, logging.INFO, "metrics served", port=port, path="/metrics")
         if self.settings.retain_delivered:
-            threading.Thread(target=self._retention, name="fp-outbox-retention", daemon=True).start()
+            start_retention(self.engine, self.settings.retain_delivered, self._stopping)
         self.notifier.ready()  # connected, schema present: claiming starts now
         self.notifier.status("delivering")
 
@@ -317,19 +316,6 @@ class Worker:
             self.metrics.refresh_queue(self.engine)
         except SQLAlchemyError as exc:  # a scrape with stale gauges beats a stalled loop
             event(log, logging.DEBUG, "queue gauges not refreshed", error=_first_line(exc))
-
-    def _retention(self) -> None:
-        """Purge delivered rows past the retention age, in bounded batches, on a thread of its own."""
-        every = min(RETENTION_EVERY, max(1.0, self.settings.retain_delivered.total_seconds() / 2))
-        while not self._stopping.wait(every):
-            try:
-                purged = purge_delivered(self.engine, self.settings.retain_delivered)
-            except SQLAlchemyError as exc:
-                event(log, logging.WARNING, "retention purge failed; trying again later", error=_first_line(exc))
-                continue
-            if purged:
-                event(log, logging.INFO, "purged delivered rows", count=purged,
-                      older_than_s=self.settings.retain_delivered.total_seconds())
 
     def _maybe_summarise(self) -> None:
         since, before = self._last_summary

@@ -10,7 +10,9 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
+
+from worker.engine.queries import QUEUE_DEPTH
 
 #: The reason label's whole vocabulary, so a free-text error can never create a new time series.
 REASONS = ("http_4xx", "http_5xx", "http_429", "http_3xx", "timeout", "connection", "exhausted", "no_token",
@@ -19,20 +21,6 @@ REASONS = ("http_4xx", "http_5xx", "http_429", "http_3xx", "timeout", "connectio
 # Send latency in seconds: from a fast local receiver (ms) to the read timeout (10 s) and the
 # in-process retries on top of it.
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-# The gauges' figures for every worker's scrape. Pending, in flight and the oldest age come from the
-# claim's partial index, dead from the dead rows' one: no scan of the delivered rows, which is what
-# keeps this cheap enough to run every few seconds on a table holding a week of deliveries.
-QUEUE_DEPTH = text(
-    """
-    SELECT (SELECT count(*) FROM fp_outbox_events WHERE status = 'pending') AS pending,
-           (SELECT count(*) FROM fp_outbox_events WHERE status = 'in_flight') AS in_flight,
-           (SELECT count(*) FROM fp_outbox_events WHERE status = 'dead') AS dead,
-           (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8
-              FROM fp_outbox_events WHERE status IN ('pending', 'in_flight')) AS oldest_pending_age_s
-    """
-)
-
 
 def reason_label(reason: str | None, status: int | None = None) -> str:
     """Map an outcome's reason text and HTTP status to one of REASONS (pure; table-tested)."""

@@ -1,4 +1,5 @@
-"""Every SQL statement of the queue cycle, named, each with why it is shaped so."""
+"""Every SQL statement of the queue cycle (claim, settle, release, the rate limiter, the drain check) and of the
+engine's side services (retention, queue gauges, status counts), named, each with why it is shaped so."""
 
 from sqlalchemy import text
 
@@ -111,7 +112,8 @@ PAUSE_ALL = text(
     """
 )
 
-# The admin status: counts per status and the age of the oldest event not yet settled.
+# Counts per status and the age of the oldest event not yet settled: `fp-outbox status`, the demo and the
+# benchmarks. Counting delivered rows reads the table, so the gauges below use QUEUE_DEPTH instead.
 STATUS_COUNTS = text(
     """
     SELECT (SELECT count(*) FROM fp_outbox_events WHERE status = 'pending') AS pending,
@@ -120,5 +122,62 @@ STATUS_COUNTS = text(
            (SELECT count(*) FROM fp_outbox_events WHERE status = 'dead') AS dead,
            (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8
               FROM fp_outbox_events WHERE status IN ('pending', 'in_flight')) AS oldest_pending_age_s
+    """
+)
+
+# The gauges' figures for every worker's scrape. Pending, in flight and the oldest age come from the
+# claim's partial index, dead from the dead rows' one: no scan of the delivered rows, which is what
+# keeps this cheap enough to run every few seconds on a table holding a week of deliveries.
+QUEUE_DEPTH = text(
+    """
+    SELECT (SELECT count(*) FROM fp_outbox_events WHERE status = 'pending') AS pending,
+           (SELECT count(*) FROM fp_outbox_events WHERE status = 'in_flight') AS in_flight,
+           (SELECT count(*) FROM fp_outbox_events WHERE status = 'dead') AS dead,
+           (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8
+              FROM fp_outbox_events WHERE status IN ('pending', 'in_flight')) AS oldest_pending_age_s
+    """
+)
+
+# Retention of delivered rows. There is no index on delivered_at (it would cost every delivery a
+# write), so each batch walks the next `batch_size` rows in primary-key order, i.e. enqueue order,
+# and deletes the old delivered ones among them. A row created after the cutoff cannot have been
+# delivered before it, so the walk ends with a batch made only of such rows: the cost follows the
+# rows deleted, not the size of the table (a whole batch, not the first young row, so that ids
+# taken slightly out of created_at order by concurrent transactions are still reached).
+# SKIP LOCKED lets two purges (two workers) run side by side.
+PURGE_DELIVERED_BATCH = text(
+    """
+    WITH examined AS (
+        SELECT id, created_at FROM fp_outbox_events
+         WHERE id > :after
+         ORDER BY id
+         LIMIT :batch_size),
+    doomed AS (
+        SELECT e.id FROM fp_outbox_events AS e
+         WHERE e.id IN (SELECT id FROM examined)
+           AND e.status = 'delivered'
+           AND e.delivered_at < now() - make_interval(secs => CAST(:older_than_s AS float8))
+           FOR UPDATE SKIP LOCKED),
+    deleted AS (
+        DELETE FROM fp_outbox_events AS e USING doomed WHERE e.id = doomed.id RETURNING e.id)
+    SELECT (SELECT count(*) FROM deleted) AS deleted,
+           (SELECT max(id) FROM examined) AS last_id,
+           coalesce((SELECT bool_and(created_at >= now() - make_interval(secs => CAST(:older_than_s AS float8)))
+                       FROM examined), true) AS done
+    """
+)
+
+# Dead rows have their own partial index on dead_at, so the oldest come straight from it.
+PURGE_DEAD_BATCH = text(
+    """
+    WITH doomed AS (
+        SELECT id FROM fp_outbox_events
+         WHERE status = 'dead' AND dead_at < now() - make_interval(secs => CAST(:older_than_s AS float8))
+         ORDER BY dead_at
+         LIMIT :batch_size
+           FOR UPDATE SKIP LOCKED),
+    deleted AS (
+        DELETE FROM fp_outbox_events AS e USING doomed WHERE e.id = doomed.id RETURNING e.id)
+    SELECT count(*) AS deleted, max(id) AS last_id, count(*) < :batch_size AS done FROM deleted
     """
 )

@@ -13,6 +13,7 @@ from datetime import timedelta
 from sqlalchemy.engine import URL
 
 from outbox.db import ConfigError, database_url
+from worker.engine.durations import parse_duration
 from worker.engine.policy import Backoff
 
 DEFAULT_ENDPOINT = "https://api.perfalytics.com/track"
@@ -161,8 +162,6 @@ def _port(name: str, value: int) -> int | None:
 def _retention(name: str, value: str) -> timedelta | None:
     if value.strip().lower() in ("off", "0", "none"):
         return None
-    from worker.admin.commands import parse_duration
-
     try:
         return parse_duration(value.strip())
     except ValueError as exc:

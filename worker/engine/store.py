@@ -94,6 +94,14 @@ class Store:
             return conn.execute(statement, {"owner": self.owner, **params}).rowcount
 
 
+def status_counts(engine: Engine) -> dict[str, float | int | None]:
+    """pending, in_flight, delivered, dead and oldest_pending_age_s, read in one statement (database-wide)."""
+    with engine.connect() as conn:
+        row = conn.execute(queries.STATUS_COUNTS).mappings().one()
+    return {key: (int(value) if key != "oldest_pending_age_s" and value is not None else value)
+            for key, value in row.items()}
+
+
 def _describe(exc: DBAPIError) -> str:
     text = str(exc.orig or exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__

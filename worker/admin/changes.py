@@ -1,0 +1,143 @@
+"""The commands that change the database: `fp-outbox migrate`, `requeue` and `purge`, each with its flags.
+requeue and purge ask first (worker.admin.confirm) and can only count (--dry-run)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sqlalchemy import Engine
+
+from outbox.db import database_url, upgrade
+from worker.admin import output, queries
+from worker.admin.arguments import (add_confirmation, add_database_flags, add_dead_filters, batch_size_arg,
+                                    dead_params, duration_arg)
+from worker.admin.confirm import confirm
+from worker.admin.database import CommandError, connected
+from worker.engine import format_duration, purge_dead, purge_delivered
+
+
+def add_migrate(commands) -> None:
+    migrate = commands.add_parser("migrate", help="create or upgrade the outbox schema")
+    add_database_flags(migrate)
+    migrate.add_argument("--revision", default="head", help="target revision (default: head)")
+    migrate.set_defaults(run=cmd_migrate)
+
+
+def add_requeue(commands) -> None:
+    requeue = commands.add_parser(
+        "requeue", help="send dead or stuck events again (same $insert_id, attempts start over)",
+        description="Make dead or stuck events due now, with attempts at 0 and the same payload.")
+    add_database_flags(requeue)
+    which = requeue.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="ids", type=int, nargs="+", action="extend", metavar="ID",
+                       help="these rows (dead, or in flight past their lease)")
+    which.add_argument("--dead", action="store_true", help="dead events matching the filters below")
+    which.add_argument("--stuck", action="store_true", help="events in flight past their lease")
+    add_dead_filters(requeue, " (with --dead)")
+    add_confirmation(requeue)
+    requeue.set_defaults(run=cmd_requeue)
+
+
+def add_purge(commands) -> None:
+    purge = commands.add_parser(
+        "purge", help="delete delivered (and dead) events older than an age, in short batches")
+    add_database_flags(purge)
+    purge.add_argument("--delivered-older-than", type=duration_arg, metavar="DURATION",
+                       help="delete delivered events delivered longer ago than this, e.g. 7d")
+    purge.add_argument("--dead-older-than", type=duration_arg, metavar="DURATION",
+                       help="delete dead events that died longer ago than this, e.g. 30d")
+    purge.add_argument("--batch-size", type=batch_size_arg, default=5000,
+                       help="rows per transaction (default 5000); smaller holds locks for less time")
+    add_confirmation(purge)
+    purge.set_defaults(run=cmd_purge)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    url = database_url(args.database_url)
+    upgrade(url, args.revision)
+    print(f"fp-outbox: schema at {args.revision} on {url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    filters = [flag for flag, value in (("--event", args.event), ("--older-than", args.older_than),
+                                        ("--error", args.error)) if value is not None]
+    if filters and not args.dead:
+        raise CommandError(f"{', '.join(filters)} filter dead events: use them with --dead, not with "
+                           f"{'--id' if args.ids else '--stuck'}", 2)
+    with connected(args) as engine:
+        if args.ids:
+            return _requeue_ids(engine, args)
+        kind, what = ("dead event", _describe_filters(args)) if args.dead \
+            else ("stuck event", " (in flight past their lease)")
+        with engine.connect() as conn:
+            count = conn.execute(queries.COUNT_DEAD, dead_params(args)).scalar_one() if args.dead \
+                else conn.execute(queries.COUNT_STUCK).scalar_one()
+        if args.dry_run or not count:
+            print(f"{'would requeue' if count else 'nothing to requeue:'} {output.plural(count, kind)}{what}"
+                  + (" (dry run: nothing changed)" if args.dry_run and count else ""))
+            return 0
+        confirm(f"Requeue {output.plural(count, kind)}{what}", "They are sent again with the same $insert_id.", args)
+        with engine.begin() as conn:
+            done = conn.execute(queries.REQUEUE_DEAD, dead_params(args)).rowcount if args.dead \
+                else conn.execute(queries.REQUEUE_STUCK).rowcount
+    print(f"requeued {output.plural(done, kind)}{what}: due now, attempts back to 0")
+    return 0
+
+
+def _requeue_ids(engine: Engine, args: argparse.Namespace) -> int:
+    ids = sorted(set(args.ids))
+    with engine.connect() as conn:
+        found = {row.id: row for row in conn.execute(queries.DESCRIBE_IDS, {"ids": ids})}
+    for missing in (i for i in ids if i not in found):
+        print(f"id {missing}: no such event, skipped", file=sys.stderr)
+    for row in found.values():
+        if not row.requeueable:
+            why = "in flight under a live lease" if row.status == "in_flight" else row.status
+            print(f"id {row.id}: {why}, skipped (only dead events and stuck ones are requeued)", file=sys.stderr)
+    wanted = [row.id for row in found.values() if row.requeueable]
+    if args.dry_run or not wanted:
+        print(f"{'would requeue' if wanted else 'nothing to requeue:'} {len(wanted):,} of {len(ids):,} events"
+              + (" (dry run: nothing changed)" if args.dry_run and wanted else ""))
+        return 0 if wanted or args.dry_run else 1
+    confirm(f"Requeue {output.plural(len(wanted), 'event')}", "They are sent again with the same $insert_id.", args)
+    with engine.begin() as conn:
+        done = len(conn.execute(queries.REQUEUE_IDS, {"ids": wanted}).all())
+    print(f"requeued {done:,} of {len(ids):,} events: due now, attempts back to 0")
+    return 0
+
+
+def _describe_filters(args: argparse.Namespace) -> str:
+    parts = []
+    if args.event is not None:
+        parts.append(f"named {args.event!r}")
+    if args.older_than is not None:
+        parts.append(f"dead for over {format_duration(args.older_than)}")
+    if args.error is not None:
+        parts.append(f"with {args.error!r} in the error")
+    return (" " + ", ".join(parts)) if parts else ""
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    delivered, dead = args.delivered_older_than, args.dead_older_than
+    if delivered is None and dead is None:
+        raise CommandError("say what to purge: --delivered-older-than 7d, --dead-older-than 30d, or both", 2)
+    what = " and ".join(
+        f"{kind} events older than {format_duration(age)}"
+        for kind, age in (("delivered", delivered), ("dead", dead)) if age is not None)
+    with connected(args) as engine:
+        if args.dry_run:
+            with engine.connect() as conn:
+                counts = conn.execute(queries.COUNT_PURGEABLE, {
+                    "delivered_s": None if delivered is None else delivered.total_seconds(),
+                    "dead_s": None if dead is None else dead.total_seconds()}).one()
+            print(f"would delete {counts.delivered if delivered is not None else 0:,} delivered and "
+                  f"{counts.dead if dead is not None else 0:,} dead events (dry run: nothing changed)")
+            return 0
+        confirm(f"Delete {what}, {args.batch_size:,} rows per transaction", "", args)
+        unbounded = sys.maxsize  # the command runs to the end; each batch is still its own transaction
+        gone_delivered = 0 if delivered is None else purge_delivered(engine, delivered, args.batch_size, unbounded)
+        gone_dead = 0 if dead is None else purge_dead(engine, dead, args.batch_size, unbounded)
+    print(f"purged {gone_delivered:,} delivered and {gone_dead:,} dead events")
+    return 0

@@ -1,0 +1,48 @@
+"""How the admin commands reach the database and how they fail: CommandError (a message saying what to do,
+and an exit status), with driver errors translated into it here, once."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+
+import psycopg
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from outbox.db import database_url, make_engine
+
+
+class CommandError(Exception):
+    """A command could not do its job; the message says why and what to do, exit_code is the status."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def connected(args: argparse.Namespace) -> Iterator[Engine]:
+    """An engine on the database the worker would use; driver errors become CommandError here, once.
+
+    With --embedded, fp-outbox's main has already put the embedded server's URL into args.database_url."""
+    engine = make_engine(database_url(args.database_url))
+    try:
+        yield engine
+    except DBAPIError as exc:
+        raise _translate(exc) from None
+    finally:
+        engine.dispose()
+
+
+def _translate(exc: DBAPIError) -> CommandError:
+    if isinstance(exc.orig, psycopg.errors.UndefinedTable):
+        return CommandError("the outbox table does not exist in this database: run `fp-outbox migrate` first", 2)
+    lines = str(exc.orig).strip().splitlines()
+    reason = lines[0] if lines else exc.orig.__class__.__name__
+    if isinstance(exc.orig, psycopg.OperationalError):
+        return CommandError(f"could not use the database ({reason}); check --database-url (or "
+                            "FP_OUTBOX_DATABASE_URL) and that PostgreSQL is running, then try again")
+    return CommandError(f"the database refused the statement ({reason}); is the schema current? "
+                        "run `fp-outbox migrate`")
