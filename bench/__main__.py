@@ -289,8 +289,7 @@ def bench_cycle(engine, url: str, args) -> dict:
     _fresh_backlog(engine, args.events)
     settings = from_args(build_parser().parse_args(
         ["--database-url", url, "--drain", "--rate-limit", "1000000", "--concurrency", "100"]), environ={})
-    worker = Worker(settings)
-    worker.sender = InstantTransport()
+    worker = Worker(settings, sender=InstantTransport())
     started = time.perf_counter()
     worker.run()
     ours = args.events / (time.perf_counter() - started)

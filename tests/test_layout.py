@@ -74,3 +74,16 @@ def test_the_operators_command_loads_devtools_only_lazily():
 def test_the_engines_exports_exist():
     for name in worker.engine.__all__:
         assert hasattr(worker.engine, name), name
+
+
+WORKER_PARTS = ["loop.py", "claimer.py", "inflight.py", "settler.py", "lifecycle.py", "services.py", "listener.py"]
+
+
+@pytest.mark.parametrize("name", WORKER_PARTS)
+def test_the_workers_parts_stay_small(name):
+    """Worker is made of parts with one job each: none much over 120 lines, no function over 40."""
+    path = WORKER / "engine" / name
+    assert len(path.read_text().splitlines()) <= 150, f"{name}: split it by job rather than grow it"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            assert node.end_lineno - node.lineno < 40, f"{name}:{node.lineno} {node.name} is over 40 lines"

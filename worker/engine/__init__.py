@@ -7,7 +7,8 @@ The engine imports neither the operator's command (worker.admin) nor the develop
 
 from worker.engine import logs
 from worker.engine.durations import DEFAULT_RETAIN_DELIVERED, format_duration, parse_duration, parse_retention
-from worker.engine.loop import StartupError, Worker
+from worker.engine.lifecycle import StartupError
+from worker.engine.loop import Worker
 from worker.engine.policy import Dead, Delivered, Outcome, Retry
 from worker.engine.retention import purge_dead, purge_delivered
 from worker.engine.settings import Settings, build_parser, from_args

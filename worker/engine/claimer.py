@@ -1,0 +1,106 @@
+"""Claiming due rows and starting their sends: each claim also reserves its share of the shared rate budget
+(the permits), in the same transaction, and the rows it returns go to the pool at once (the 'start' step)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from worker.engine.inflight import InFlight
+from worker.engine.lifecycle import StopSignal
+from worker.engine.logs import event, log
+from worker.engine.metrics import Metrics
+from worker.engine.policy import Dead
+from worker.engine.services import DatabaseHealth
+from worker.engine.settings import Settings
+from worker.engine.settler import Settler
+from worker.engine.store import Claimed, DatabaseUnavailable, Store
+
+# The limiter grants permits in chunks of at most 1/200 of the rate, and workers aim at 96% of
+# it: a chunk sent at once overshoots a smooth schedule by at most one chunk, and this headroom
+# also absorbs a few tens of ms of jitter between the grant and the request's arrival.
+RATE_HEADROOM = 0.96
+CHUNK_FRACTION = 1 / 200
+
+
+class Permits:
+    """This worker's way to the shared rate budget: the rate it aims at and the chunk it claims at most."""
+
+    def __init__(self, store: Store, settings: Settings, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+        self.rate = settings.rate_limit * RATE_HEADROOM
+        self.chunk = max(1, int(settings.rate_limit * CHUNK_FRACTION))
+
+    def take(self, count: int) -> None:
+        """Wait for `count` requests of the shared budget (used by in-process re-sends)."""
+        wait = self._store.acquire_permits(count, self.rate)
+        if wait > 0:
+            self._metrics.waited_for_rate_limit(wait)
+            time.sleep(wait)
+
+    def wait_out(self, wait: float, stopping: threading.Event) -> bool:
+        """Wait the `wait` seconds a claim's permits start after; True if stopped meanwhile."""
+        self._metrics.waited_for_rate_limit(wait)
+        return wait > 0 and stopping.wait(wait)
+
+
+class Claimer:
+    """Claims up to a chunk of due rows whenever enough sending slots are free, and starts sending them."""
+
+    def __init__(self, settings: Settings, store: Store, permits: Permits, in_flight: InFlight, settler: Settler,
+                 health: DatabaseHealth, stopping: StopSignal) -> None:
+        self._settings = settings
+        self._store = store
+        self._permits = permits
+        self._in_flight = in_flight
+        self._settler = settler
+        self._health = health
+        self._stopping = stopping
+        self._claim_at_least = max(1, min(permits.chunk, settings.concurrency // 4))
+
+    def claim_and_start(self) -> int:
+        """Claim what is due and fits the free slots, and start sending it; returns how many rows were claimed."""
+        free = self._settings.concurrency - len(self._in_flight)
+        if self._settler.backlogged or (self._in_flight and free < self._claim_at_least) or free <= 0:
+            return 0
+        try:
+            rows, wait = self._store.claim(min(free, self._permits.chunk), self._permits.rate)
+            self._health.ok()
+            if not rows:
+                return 0
+        except DatabaseUnavailable as exc:
+            self._health.trouble(exc)
+            return 0  # anything claimed comes back when its lease expires
+        return self._start(rows, wait)
+
+    def may_claim_again(self, started: int) -> bool:
+        """A full chunk came back and slots are free: more may be due, so claim again without waiting."""
+        free = self._settings.concurrency - len(self._in_flight)
+        return started >= self._permits.chunk and free >= self._claim_at_least
+
+    def release(self, ids: list[int]) -> None:
+        """Hand claimed rows back, due at once; if the database is away, their leases bring them back."""
+        try:
+            self._store.release(ids)
+        except DatabaseUnavailable as exc:
+            event(log, logging.WARNING, "could not release rows; they return when their lease expires",
+                  count=len(ids), error=str(exc))
+
+    def _start(self, rows: list[Claimed], wait: float) -> int:
+        if wait > self._settings.lease.total_seconds() / 2:
+            # A long global pause (after a 429): hand the rows back rather than sit on them.
+            self.release([row.id for row in rows])
+            self._stopping.pause(wait - 1.0)
+            return 0
+        if self._permits.wait_out(wait, self._stopping):
+            self.release([row.id for row in rows])
+            return 0
+        for row in rows:
+            if self._settings.backoff.exhausted(row.attempts - 1):
+                self._settler.record(row, Dead(f"abandoned after {row.attempts - 1} claims without a result "
+                                               "(its workers died or lost the lease while sending it)"))
+                continue
+            self._in_flight.start(row)
+        return len(rows)

@@ -1,0 +1,80 @@
+"""A worker's start and end: reaching the database before claiming anything, the stop signal (whose waits
+keep feeding the systemd watchdog), and on stop, finishing or releasing what is in flight."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine, inspect
+
+from outbox.db import ConfigError
+from outbox.schema import events
+from worker.engine.inflight import InFlight
+from worker.engine.logs import event, first_line, log
+from worker.engine.notify import Notifier
+
+if TYPE_CHECKING:
+    from worker.engine.claimer import Claimer
+    from worker.engine.settler import Settler
+
+
+class StartupError(Exception):
+    """The database stayed unreachable for the whole start-up timeout."""
+
+
+class StopSignal(threading.Event):
+    """Set once, from a signal handler, to wind the worker down; its waits end at once when it is."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        super().__init__()
+        self._notifier = notifier
+
+    def pause(self, seconds: float) -> bool:
+        """Wait up to `seconds` (True if stopped meanwhile), still feeding the systemd watchdog."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.wait(min(left, 1.0)):
+                return True
+            self._notifier.watchdog()
+        return self.is_set()
+
+
+def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: threading.Event) -> None:
+    """Retry until the database answers and has the outbox table, or raise StartupError (ConfigError: no table)."""
+    deadline = time.monotonic() + startup_timeout.total_seconds()
+    delay = 0.5
+    while True:
+        try:
+            with engine.connect() as conn:
+                has_table = inspect(conn).has_table(events.name)
+            break
+        except Exception as exc:  # any failure to connect: keep trying until the deadline
+            if time.monotonic() + delay > deadline or stopping.is_set():
+                raise StartupError(
+                    f"could not reach the database within {startup_timeout.total_seconds():.0f} s "
+                    f"({first_line(exc)}); check --database-url and that PostgreSQL is running"
+                ) from None
+            event(log, logging.WARNING, "database not reachable yet, retrying", error=first_line(exc),
+                  retry_in_s=delay)
+            stopping.wait(delay)
+            delay = min(delay * 2, 5.0)
+    if not has_table:
+        raise ConfigError("the outbox table does not exist in this database: run `fp-outbox migrate` first")
+
+
+def finish_or_release(in_flight: InFlight, settler: Settler, claimer: Claimer, grace: timedelta) -> int:
+    """On stop: let the sends in flight finish for up to `grace`, settle every outcome, release the rows still
+    being sent (due at once, their attempt not counted), and stop the pool. Returns how many were released."""
+    deadline = time.monotonic() + grace.total_seconds()
+    while in_flight and time.monotonic() < deadline:
+        settler.collect(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
+    settler.settle(force=True)
+    leftover = [row.id for row in in_flight.rows()]
+    if leftover:
+        claimer.release(leftover)
+    in_flight.close()
+    return len(leftover)

@@ -1,0 +1,88 @@
+"""What serves the delivery cycle from beside it: the backoff while the database is unavailable, and the
+side services (Prometheus /metrics and its queue gauges, the retention thread, a summary line a minute)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.engine.lifecycle import StopSignal
+from worker.engine.logs import event, first_line, log
+from worker.engine.metrics import Metrics
+from worker.engine.retention import start_retention
+from worker.engine.settings import Settings
+
+SUMMARY_EVERY = 60.0
+QUEUE_GAUGES_EVERY = 15.0  # seconds between the queue-depth reads behind /metrics
+
+
+class DatabaseHealth:
+    """Backs the loop off after each failed database step, longer after each failure in a row."""
+
+    def __init__(self, stopping: StopSignal) -> None:
+        self._stopping = stopping
+        self.failures = 0
+
+    def ok(self) -> None:
+        """A database step succeeded."""
+        self.failures = 0
+
+    def trouble(self, exc: Exception) -> None:
+        """A database step failed: log it and wait (jittered, doubling, at most 30 s), feeding the watchdog."""
+        self.failures += 1
+        delay = min(30.0, 0.25 * 2 ** min(self.failures, 8)) * (0.5 + random.random() / 2)
+        event(log, logging.WARNING, "database unavailable, backing off", error=str(exc),
+              retry_in_s=round(delay, 2), failures=self.failures)
+        self._stopping.pause(delay)
+
+
+class SideServices:
+    """/metrics with its gauges, retention and the minute's summary, as the settings ask for them."""
+
+    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics, stopping: StopSignal) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._metrics = metrics
+        self._stopping = stopping
+        self._gauges_read_at = 0.0
+        self._last_summary = (time.monotonic(), Counter())
+
+    def start(self) -> None:
+        """Serve /metrics and start the retention thread, if configured."""
+        if self._settings.metrics_port:
+            port = self._metrics.start_http_server(self._settings.metrics_port)
+            event(log, logging.INFO, "metrics served", port=port, path="/metrics")
+        if self._settings.retain_delivered:
+            start_retention(self._engine, self._settings.retain_delivered, self._stopping)
+
+    def refresh_gauges(self, in_flight: int) -> None:
+        """Set the in-flight gauge; read the queue gauges from the database every QUEUE_GAUGES_EVERY seconds."""
+        self._metrics.set_in_flight(in_flight)
+        now = time.monotonic()
+        if not self._settings.metrics_port or now - self._gauges_read_at < QUEUE_GAUGES_EVERY:
+            return
+        self._gauges_read_at = now
+        try:
+            self._metrics.refresh_queue(self._engine)
+        except SQLAlchemyError as exc:  # a scrape with stale gauges beats a stalled loop
+            event(log, logging.DEBUG, "queue gauges not refreshed", error=first_line(exc))
+
+    def summarise(self, totals: Counter, in_flight: int) -> None:
+        """Log what the last minute delivered, retried and killed, if anything happened."""
+        since, before = self._last_summary
+        now = time.monotonic()
+        if now - since < SUMMARY_EVERY:
+            return
+        delta = totals - before
+        if delta or in_flight:
+            event(log, logging.INFO, "summary", interval_s=round(now - since), **delta, in_flight=in_flight)
+        self._last_summary = (now, totals.copy())
+
+    def stop(self) -> None:
+        """Stop serving /metrics (the retention thread ends with the stop signal)."""
+        self._metrics.stop_http_server()
