@@ -6,6 +6,7 @@
 -- commit, run them between BEGIN; and COMMIT; (or ROLLBACK;). The same jobs as commands:
 -- `fp-outbox stuck | dead | requeue | purge` (see the README).
 -- tests/test_admin_queries.py runs every statement here against seeded rows, so none goes stale.
+-- Rendered from worker/admin/queries.py (python docs/render_admin_sql.py): change them there.
 
 -- name: lag
 -- How many events per status, and the age in seconds of the oldest of each (for pending: the lag).

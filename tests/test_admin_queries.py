@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.conftest import REPO
+from worker.admin.queries import render_admin_sql
 
 ADMIN_SQL = REPO / "docs" / "admin.sql"
 INSERT_ID = "6f1c2a9e-0b7d-4e0c-9a51-3d2f8c7b1e42"  # the example in inspect_event
@@ -217,3 +218,9 @@ def test_statements_that_change_rows_say_so_first():
     for name, (comment, sql) in admin_statements().items():
         changes = sql.split(None, 1)[0].upper() in ("UPDATE", "DELETE", "INSERT")
         assert changes == comment.startswith(("CHANGES ROWS", "DELETES ROWS")), name
+
+
+def test_docs_admin_sql_is_rendered_from_the_operators_statements():
+    """docs/admin.sql is generated from worker/admin/queries.py, which the commands' statements share."""
+    assert ADMIN_SQL.read_text() == render_admin_sql(), \
+        "docs/admin.sql differs from worker/admin/queries.py: change the recipe there, then python docs/render_admin_sql.py"
