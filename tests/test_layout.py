@@ -6,6 +6,8 @@ with ast, so a lazy import inside a function counts too."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,11 @@ def test_the_workers_parts_stay_small(name):
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             assert node.end_lineno - node.lineno < 40, f"{name}:{node.lineno} {node.name} is over 40 lines"
+
+
+def test_fp_outbox_loads_the_development_tools_only_for_their_commands():
+    code = ("import sys; from worker.admin import main; main(['systemd-unit']); "
+            "print(sorted(m for m in sys.modules if m.startswith('worker.devtools')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

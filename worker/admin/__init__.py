@@ -14,10 +14,17 @@ from outbox.db import ConfigError
 from worker.admin import changes, report, units
 from worker.admin.database import CommandError
 
+# The development tools' commands: the module (loaded by name, only for that command) and the help line.
+DEVTOOLS = {
+    "sink": ("worker.devtools.sink_cli", "a local /track receiver for development"),
+    "demo": ("worker.devtools.demo", "the whole job on an embedded database, with a verdict"),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `fp-outbox` command; its exit status (2: a wrong flag or a missing schema)."""
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -33,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp-outbox", description="Administer an fp-outbox database.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     changes.add_migrate(commands)
@@ -43,14 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     changes.add_requeue(commands)
     changes.add_purge(commands)
     units.add_systemd_unit(commands)
-
-    sink = commands.add_parser("sink", help="a local /track receiver for development")
-    sink.set_defaults(run=_lazy("worker.devtools.sink_cli"))
-    _arguments_from(sink, "worker.devtools.sink_cli")
-
-    demo = commands.add_parser("demo", help="the whole job on an embedded database, with a verdict")
-    demo.set_defaults(run=_lazy("worker.devtools.demo"))
-    _arguments_from(demo, "worker.devtools.demo")
+    for name, (module, help_text) in DEVTOOLS.items():
+        tool = commands.add_parser(name, help=help_text)
+        tool.set_defaults(run=_lazy(module))
+        if name in argv:  # only that command's own flags need its module; the list of commands needs none
+            importlib.import_module(module).add_arguments(tool)
     return parser
 
 
@@ -59,10 +63,6 @@ def _lazy(module: str):
     def run(args: argparse.Namespace) -> int:
         return importlib.import_module(module).run(args)
     return run
-
-
-def _arguments_from(parser: argparse.ArgumentParser, module: str) -> None:
-    importlib.import_module(module).add_arguments(parser)
 
 
 @contextlib.contextmanager
