@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from worker.devtools.sink_http import (OK_BODY, TRACK_PATH, Answer, check_status, error_answer, fields_of,
                                        parse_event, server_for)
@@ -37,6 +38,11 @@ class Received:
     token: str | None  # properties["token"]
     body: dict | None  # the parsed JSON body; None if it was not a JSON object
     retry_after: str | None = None  # the Retry-After the sink answered with, if any
+
+    def public(self) -> dict[str, Any]:
+        """This request as GET /_sink/events shows it: never the token itself."""
+        return {"arrived_at": self.arrived_at, "status": self.status, "event": self.event,
+                "insert_id": self.insert_id, "token": "***" if self.token is not None else None}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The sink's HTTP side: what a /track endpoint accepts (a JSON event with the required properties) and
-answers, and the threaded HTTP/1.1 server with keep-alive that speaks it for a Sink."""
+answers, and the threaded HTTP/1.1 server with keep-alive that speaks it for a receiver (the Sink)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
-
-if TYPE_CHECKING:
-    from worker.devtools.sink import Received, Sink
 
 TRACK_PATH = "/track"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # far above any real event; a runaway client must not exhaust memory
@@ -80,10 +77,17 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _public(item: Received) -> dict[str, Any]:
-    """One record as GET /_sink/events shows it: never the token itself."""
-    return {"arrived_at": item.arrived_at, "status": item.status, "event": item.event,
-            "insert_id": item.insert_id, "token": "***" if item.token is not None else None}
+class Receiver(Protocol):
+    """What the server asks of the receiver behind it (the Sink)."""
+
+    def take(self, raw: bytes) -> Answer:
+        """Decide and record the answer to one POST /track."""
+
+    def counts(self) -> dict[str, int]:
+        """For GET /_sink/stats."""
+
+    def last(self, count: int) -> list[Any]:
+        """The last `count` requests, each with a public() view, for GET /_sink/events."""
 
 
 class _Server(ThreadingHTTPServer):
@@ -91,7 +95,7 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # the listen backlog: many workers connecting at once must not be refused
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], sink: Sink) -> None:
+    def __init__(self, address: tuple[str, int], sink: Receiver) -> None:
         self.sink = sink
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
@@ -126,7 +130,7 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-def server_for(host: str, port: int, sink: Sink) -> _Server:
+def server_for(host: str, port: int, sink: Receiver) -> _Server:
     return (_Server6 if ":" in host else _Server)((host, port), sink)
 
 
@@ -181,7 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
         if limit < 0:
             self._send(error_answer(400, f"limit must be a whole number of events, got {given!r}"))
             return
-        self._send_json([_public(r) for r in self.server.sink.last(limit)])
+        self._send_json([r.public() for r in self.server.sink.last(limit)])
 
     def _read_body(self) -> bytes | None:
         """The body by Content-Length, or None after answering why it cannot be read."""

@@ -8,11 +8,10 @@ import threading
 import time
 
 from worker.engine.inflight import InFlight
-from worker.engine.lifecycle import StopSignal
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
 from worker.engine.policy import Dead
-from worker.engine.services import DatabaseHealth
+from worker.engine.services import DatabaseHealth, StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import Settler
 from worker.engine.store import Claimed, DatabaseUnavailable, Store

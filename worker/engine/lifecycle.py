@@ -1,5 +1,5 @@
-"""A worker's start and end: reaching the database before claiming anything, the stop signal (whose waits
-keep feeding the systemd watchdog), and on stop, finishing or releasing what is in flight."""
+"""A worker's start and end: reaching the database before claiming anything, and on stop, finishing or
+releasing what is in flight."""
 
 from __future__ import annotations
 
@@ -7,40 +7,19 @@ import logging
 import threading
 import time
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, inspect
 
 from outbox.db import ConfigError
 from outbox.schema import events
+from worker.engine.claimer import Claimer
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, first_line, log
-from worker.engine.notify import Notifier
-
-if TYPE_CHECKING:
-    from worker.engine.claimer import Claimer
-    from worker.engine.settler import Settler
+from worker.engine.settler import Settler
 
 
 class StartupError(Exception):
     """The database stayed unreachable for the whole start-up timeout."""
-
-
-class StopSignal(threading.Event):
-    """Set once, from a signal handler, to wind the worker down; its waits end at once when it is."""
-
-    def __init__(self, notifier: Notifier) -> None:
-        super().__init__()
-        self._notifier = notifier
-
-    def pause(self, seconds: float) -> bool:
-        """Wait up to `seconds` (True if stopped meanwhile), still feeding the systemd watchdog."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if self.wait(min(left, 1.0)):
-                return True
-            self._notifier.watchdog()
-        return self.is_set()
 
 
 def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: threading.Event) -> None:

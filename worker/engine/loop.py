@@ -13,13 +13,13 @@ from sqlalchemy import Engine
 from outbox.db import make_engine
 from worker.engine.claimer import Claimer, Permits
 from worker.engine.inflight import InFlight
-from worker.engine.lifecycle import StopSignal, finish_or_release, wait_for_database
+from worker.engine.lifecycle import finish_or_release, wait_for_database
 from worker.engine.listener import Listener
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
 from worker.engine.notify import Notifier
 from worker.engine.sender import Sender
-from worker.engine.services import DatabaseHealth, SideServices
+from worker.engine.services import DatabaseHealth, SideServices, StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import SETTLE_DELAY, Settler
 from worker.engine.store import DatabaseUnavailable, Store

@@ -1,24 +1,43 @@
-"""What serves the delivery cycle from beside it: the backoff while the database is unavailable, and the
-side services (Prometheus /metrics and its queue gauges, the retention thread, a summary line a minute)."""
+"""What serves the delivery cycle from beside it: the stop signal, whose waits keep feeding the systemd
+watchdog; the backoff while the database is unavailable; and the side services (Prometheus /metrics and its
+queue gauges, the retention thread, a summary line a minute)."""
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections import Counter
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.engine.lifecycle import StopSignal
 from worker.engine.logs import event, first_line, log
 from worker.engine.metrics import Metrics
+from worker.engine.notify import Notifier
 from worker.engine.retention import start_retention
 from worker.engine.settings import Settings
 
 SUMMARY_EVERY = 60.0
 QUEUE_GAUGES_EVERY = 15.0  # seconds between the queue-depth reads behind /metrics
+
+
+class StopSignal(threading.Event):
+    """Set once, from a signal handler, to wind the worker down; its waits end at once when it is."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        super().__init__()
+        self._notifier = notifier
+
+    def pause(self, seconds: float) -> bool:
+        """Wait up to `seconds` (True if stopped meanwhile), still feeding the systemd watchdog."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.wait(min(left, 1.0)):
+                return True
+            self._notifier.watchdog()
+        return self.is_set()
 
 
 class DatabaseHealth:
