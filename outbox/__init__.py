@@ -4,7 +4,7 @@ Applications import only this package; it needs SQLAlchemy and a PostgreSQL driv
 """
 
 from outbox.enqueue import enqueue, enqueue_many, identify
-from outbox.validation import MAX_EVENT_BYTES, InvalidEvent
+from outbox.validation import MAX_EVENT_BYTES, MAX_NESTING, TOKEN_ALLOWANCE, InvalidEvent
 
-__all__ = ["InvalidEvent", "MAX_EVENT_BYTES", "enqueue", "enqueue_many", "identify"]
+__all__ = ["InvalidEvent", "MAX_EVENT_BYTES", "MAX_NESTING", "TOKEN_ALLOWANCE", "enqueue", "enqueue_many", "identify"]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ from outbox.validation import InvalidEvent, prepare
 _INSERT_ONE = text(
     "WITH inserted AS ("
     " INSERT INTO fp_outbox_events (insert_id, event_name, payload)"
-    " VALUES (:insert_id, :event_name, CAST(:payload AS jsonb)) RETURNING 1)"
+    " VALUES (:insert_id, :event_name, CAST(:payload AS json)) RETURNING 1)"
     f" SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 )
 
@@ -25,7 +25,7 @@ _INSERT_ONE = text(
 _INSERT_MANY = text(
     "WITH inserted AS ("
     " INSERT INTO fp_outbox_events (insert_id, event_name, payload)"
-    " SELECT u.insert_id, u.event_name, CAST(u.payload AS jsonb)"
+    " SELECT u.insert_id, u.event_name, CAST(u.payload AS json)"
     " FROM unnest(CAST(:insert_ids AS text[]), CAST(:event_names AS text[]), CAST(:payloads AS text[]))"
     " AS u(insert_id, event_name, payload) RETURNING 1)"
     f" SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
