@@ -8,7 +8,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 #: The largest payload, as stored and sent (UTF-8 JSON), that `enqueue` accepts.
@@ -53,6 +53,35 @@ def prepare(event: Any, now: float | None = None) -> tuple[str, str, str]:
     properties["$insert_id"] = _check_insert_id(properties)
     payload = {**event, "properties": properties}
     return properties["$insert_id"], name, _to_json(payload, event)
+
+
+def prepare_many(events: Iterable[Any], now: float | None = None) -> list[tuple[str, str, str]]:
+    """`prepare` every event, all before any is written; an error names the event's index."""
+    prepared = []
+    for index, event in enumerate(events):
+        try:
+            prepared.append(prepare(event, now))
+        except InvalidEvent as exc:
+            raise InvalidEvent(f"events[{index}]: {exc}") from None
+    return prepared
+
+
+def identify_event(
+    distinct_id: Any, user_props: Any, device_id: Any = None, time: Any = None
+) -> dict[str, Any]:
+    """The HTTP API's `$identify` event attaching `user_props` to the user (checked again by `prepare`)."""
+    if not isinstance(user_props, Mapping):
+        raise InvalidEvent(
+            f"'user_props' must be a mapping of user properties, got {type(user_props).__name__}"
+        )
+    properties: dict[str, Any] = {"distinct_id": distinct_id, "$user_props": dict(user_props)}
+    if device_id is not None:
+        if not isinstance(device_id, str) or not device_id.strip():
+            raise InvalidEvent(f"'device_id' must be a non-empty string when given, got {device_id!r}")
+        properties["$device_id"] = device_id
+    if time is not None:
+        properties["time"] = time
+    return {"event": "$identify", "properties": properties}
 
 
 def _check_distinct_id(value: Any) -> None:
