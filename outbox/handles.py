@@ -1,9 +1,12 @@
 """The kinds of connection `enqueue` writes on, and how each executes a statement in the caller's transaction.
 
 Validation and SQL are shared (`outbox.validation`, `outbox.statements`); what differs per kind is only
-how a statement and its parameters are executed. The asyncio and psycopg classes are looked up in
-`sys.modules`: a handle of theirs can only exist once its module was imported, so `import outbox`
-imports neither SQLAlchemy's asyncio extension (and greenlet) nor psycopg.
+how a statement and its parameters are executed, and how the workers are woken after the commit
+(`outbox.wake`: SQLAlchemy handles arrange it themselves; psycopg has no commit hook).
+
+The asyncio and psycopg classes are looked up in `sys.modules`: a handle of theirs can only exist
+once its module was imported, so `import outbox` imports neither SQLAlchemy's asyncio extension
+(and greenlet) nor psycopg.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, scoped_session
 
+from outbox import wake
 from outbox.statements import Statement
 
 Execute = Callable[[Statement, dict[str, Any]], None]
@@ -66,6 +70,7 @@ def _is_psycopg(handle: Any, class_name: str) -> bool:
 
 def _execute_sqlalchemy(handle: Session | scoped_session | Connection, statement: Statement, params: dict) -> None:
     handle.execute(statement.sqlalchemy, params)
+    wake.after_commit(handle)
 
 
 def _execute_psycopg(conn: Any, statement: Statement, params: dict) -> None:
@@ -74,6 +79,7 @@ def _execute_psycopg(conn: Any, statement: Statement, params: dict) -> None:
 
 async def _execute_sqlalchemy_async(handle: Any, statement: Statement, params: dict) -> None:
     await handle.execute(statement.sqlalchemy, params)
+    await wake.after_commit_async(handle)
 
 
 async def _execute_psycopg_async(conn: Any, statement: Statement, params: dict) -> None:

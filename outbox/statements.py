@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from sqlalchemy import TextClause, text
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-from outbox.schema import NOTIFY_CHANNEL
-
 
 @dataclass(frozen=True)
 class Statement:
@@ -25,23 +23,19 @@ def _statement(sql: str) -> Statement:
     return Statement(clause, str(clause.compile(dialect=PGDialect_psycopg())))
 
 
-# One round trip per call: the insert and the wake-up notification (which PostgreSQL delivers
-# only at commit, and folds into one per transaction) travel as a single statement. The payload
-# is the exact text validation measured; json keeps it verbatim (and a jsonb column takes it
-# through PostgreSQL's assignment cast).
+# A plain INSERT: nothing inside the caller's transaction that makes other commits wait (a NOTIFY
+# here would serialise every enqueuing commit on the server; outbox.wake sends it after commit).
+# The payload is the exact text validation measured; json keeps it verbatim (and a jsonb column
+# takes it through PostgreSQL's assignment cast).
 INSERT_ONE = _statement(
-    "WITH inserted AS ("
-    " INSERT INTO fp_outbox_events (insert_id, event_name, payload)"
-    " VALUES (:insert_id, :event_name, CAST(:payload AS json)) RETURNING 1)"
-    f" SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+    "INSERT INTO fp_outbox_events (insert_id, event_name, payload)"
+    " VALUES (:insert_id, :event_name, CAST(:payload AS json))"
 )
 
 # Many rows in one statement: three parallel arrays unnested server-side, in the caller's order.
 INSERT_MANY = _statement(
-    "WITH inserted AS ("
-    " INSERT INTO fp_outbox_events (insert_id, event_name, payload)"
+    "INSERT INTO fp_outbox_events (insert_id, event_name, payload)"
     " SELECT u.insert_id, u.event_name, CAST(u.payload AS json)"
     " FROM unnest(CAST(:insert_ids AS text[]), CAST(:event_names AS text[]), CAST(:payloads AS text[]))"
-    " AS u(insert_id, event_name, payload) RETURNING 1)"
-    f" SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+    " AS u(insert_id, event_name, payload)"
 )

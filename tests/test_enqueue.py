@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import outbox
 from outbox.validation import prepare
+from outbox.wake import WAKE_SQL
 
 INSERT_ORDER = text("INSERT INTO orders (ref) VALUES (:ref)")
 
@@ -39,11 +40,13 @@ def db(clean, orders_table):
 
 @contextlib.contextmanager
 def statements(engine):
-    """Record every statement sent to the server while the block runs."""
+    """Record every statement sent to the server while the block runs, but the workers' wake-ups:
+    those run after some earlier commit, on a pooled connection of their own, whenever they are due."""
     seen: list[str] = []
 
     def record(conn, cursor, statement, parameters, context, executemany):
-        seen.append(statement)
+        if statement != WAKE_SQL:
+            seen.append(statement)
 
     sa_event.listen(engine, "before_cursor_execute", record)
     try:

@@ -10,6 +10,7 @@ import contextlib
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox.statements import INSERT_MANY, INSERT_ONE
-from tests.conftest import url_string
+from tests.conftest import url_string, wait_until
 from tests.test_enqueue import statements
 
 INSERT_ORDER = text("INSERT INTO orders (ref) VALUES (:ref)")
@@ -449,6 +450,23 @@ def test_a_psycopg_connection_in_autocommit_outside_a_transaction_is_refused(db,
         with conn.transaction():
             insert_id = outbox.enqueue(conn, purchase())
     assert rows(db) == [insert_id]
+
+
+def test_django_wakes_the_workers_from_on_commit(flavours, db, db_url):
+    from django.db import connection, transaction
+
+    from tests.test_wake import Listener
+
+    listener = Listener(db_url)
+    try:
+        with transaction.atomic():
+            outbox.enqueue(connection.connection, purchase(via="Django"))
+            transaction.on_commit(lambda: outbox.wake_workers(connection.connection))
+            time.sleep(0.1)
+            assert listener.arrivals == []  # nothing before the commit
+        assert wait_until(lambda: len(listener.arrivals) == 1, 5)
+    finally:
+        listener.close()
 
 
 def test_django_outside_atomic_is_refused(flavours, db):
