@@ -8,11 +8,20 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 #: The largest payload, as stored and sent (UTF-8 JSON), that `enqueue` accepts.
 MAX_EVENT_BYTES = 64 * 1024
+
+#: Bytes kept free for the token the worker adds at send time to an event that carries none
+#: (`,"token":"` + an environment id + `"`: 48 bytes for a UUID), so what is sent stays under the limit.
+TOKEN_ALLOWANCE = 100
+_LIMIT_WITHOUT_TOKEN = MAX_EVENT_BYTES - TOKEN_ALLOWANCE
+
+#: Mappings and lists nested deeper than this (the event object itself is level 1) are refused:
+#: no analytics property needs it, and a cycle or a runaway structure is caught before it costs anything.
+MAX_NESTING = 32
 
 #: `time` must lie between 2000-01-01 and one day ahead of this machine's clock; outside that
 #: it is almost always milliseconds, microseconds or a bug, and the destination would misfile it.
@@ -43,7 +52,36 @@ def prepare(event: Any, now: float | None = None) -> tuple[str, str, str]:
     properties["time"] = _check_time(properties.get("time", None), now)
     properties["$insert_id"] = _check_insert_id(properties)
     payload = {**event, "properties": properties}
-    return properties["$insert_id"], name, _to_json(payload)
+    return properties["$insert_id"], name, _to_json(payload, event)
+
+
+def prepare_many(events: Iterable[Any], now: float | None = None) -> list[tuple[str, str, str]]:
+    """`prepare` every event, all before any is written; an error names the event's index."""
+    prepared = []
+    for index, event in enumerate(events):
+        try:
+            prepared.append(prepare(event, now))
+        except InvalidEvent as exc:
+            raise InvalidEvent(f"events[{index}]: {exc}") from None
+    return prepared
+
+
+def identify_event(
+    distinct_id: Any, user_props: Any, device_id: Any = None, time: Any = None
+) -> dict[str, Any]:
+    """The HTTP API's `$identify` event attaching `user_props` to the user (checked again by `prepare`)."""
+    if not isinstance(user_props, Mapping):
+        raise InvalidEvent(
+            f"'user_props' must be a mapping of user properties, got {type(user_props).__name__}"
+        )
+    properties: dict[str, Any] = {"distinct_id": distinct_id, "$user_props": dict(user_props)}
+    if device_id is not None:
+        if not isinstance(device_id, str) or not device_id.strip():
+            raise InvalidEvent(f"'device_id' must be a non-empty string when given, got {device_id!r}")
+        properties["$device_id"] = device_id
+    if time is not None:
+        properties["time"] = time
+    return {"event": "$identify", "properties": properties}
 
 
 def _check_distinct_id(value: Any) -> None:
@@ -95,7 +133,7 @@ def _json_default(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
         if not value.is_finite():
-            raise ValueError("non-finite Decimal")
+            raise ValueError(f"Decimal {value} is not a finite number; pass a number or None")
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, uuid.UUID):
         return str(value)
@@ -103,52 +141,108 @@ def _json_default(value: Any) -> Any:
         return dict(value)
     if isinstance(value, (set, frozenset)):
         raise TypeError("a set has no order in JSON; pass a list")
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+    raise TypeError(
+        f"{type(value).__name__} is not JSON-serializable; convert it to a string, number, bool, list or mapping"
+    )
 
 
-def _to_json(payload: dict[str, Any]) -> str:
+def _to_json(payload: dict[str, Any], original: Mapping[str, Any]) -> str:
+    """The payload as the exact text that is stored and sent, checked against what PostgreSQL accepts.
+
+    A problem is looked for in the caller's `original` event, so that its path (a cycle's above all)
+    is the one the caller wrote, not one through the copies made here."""
     try:
-        encoded = json.dumps(payload, default=_json_default, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        path, reason = _find_unserializable(payload)
+        encoded = json.dumps(payload, default=_json_default, allow_nan=False, ensure_ascii=False,
+                             separators=(",", ":"))
+        size = len(encoded.encode())  # a lone surrogate has no UTF-8 form
+    except (TypeError, ValueError, RecursionError) as exc:  # a cycle, too deep, not JSON
+        raise _refusal(original, str(exc)) from None
+    # Cheap tests on the text decide when the walk must look: json.dumps writes a NUL as \u0000,
+    # and a structure cannot nest deeper than it has brackets.
+    if "\\u0000" in encoded or encoded.count("{") + encoded.count("[") > MAX_NESTING:
+        problem = _find_problem(original, "", 1, set())
+        if problem:
+            raise _refusal(original, "", problem)
+    limit = MAX_EVENT_BYTES if isinstance(payload["properties"].get("token"), str) else _LIMIT_WITHOUT_TOKEN
+    if size > limit:
         raise InvalidEvent(
-            f"'{path}' cannot be stored as JSON ({reason or exc}); convert it to a string, number, "
-            "bool, list or mapping"
-        ) from None
-    size = len(encoded.encode())
-    if size > MAX_EVENT_BYTES:
-        raise InvalidEvent(
-            f"the event is {size} bytes as JSON, over the {MAX_EVENT_BYTES}-byte limit; "
-            "drop or shorten large properties"
+            f"the event is {size} bytes as JSON, over the {MAX_EVENT_BYTES}-byte limit"
+            + ("" if limit == MAX_EVENT_BYTES else
+               f" less {TOKEN_ALLOWANCE} bytes kept for the token the worker adds ({limit} bytes)")
+            + "; drop or shorten large properties"
         )
     return encoded
 
 
-def _find_unserializable(value: Any, path: str = "") -> tuple[str, str]:
-    """Walk the payload to name the first value JSON cannot hold (only on the error path)."""
+def _refusal(event: Any, error: str, problem: tuple[str, str] | None = None) -> InvalidEvent:
+    path, reason = problem or _find_problem(event, "", 1, set()) or ("event", error)
+    return InvalidEvent(f"'{_shorten(path or 'event')}' cannot be stored as JSON: {reason}")
+
+
+def _find_problem(value: Any, path: str, depth: int, open_containers: set[int]) -> tuple[str, str] | None:
+    """Walk the payload to name the first value that cannot be stored (only when one is suspected)."""
+    if isinstance(value, str):
+        return _string_problem(value, path)
+    if value is None or isinstance(value, bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, f"{value!r} is not a finite number; pass a number or None")
+    if not isinstance(value, Mapping | list | tuple):
+        try:
+            value = _json_default(value)
+        except (TypeError, ValueError) as exc:
+            return path, str(exc)
+        return _find_problem(value, path, depth, open_containers) if isinstance(value, dict) else None
+    if id(value) in open_containers:
+        return path, "it contains itself (a cycle); pass a copy without the cycle"
+    if depth > MAX_NESTING:
+        return path, f"it nests mappings and lists deeper than {MAX_NESTING} levels; flatten it"
+    open_containers.add(id(value))
+    try:
+        return _find_in_children(value, path, depth, open_containers)
+    finally:
+        open_containers.discard(id(value))
+
+
+def _find_in_children(value: Any, path: str, depth: int, open_containers: set[int]) -> tuple[str, str] | None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str | int | float | bool) and key is not None:
-                return f"{path or 'event'}", f"key {key!r} is a {type(key).__name__}, not a string"
-            found = _find_unserializable(item, f"{path}.{key}" if path else str(key))
-            if found[0]:
+                return path or "event", f"key {key!r} is a {type(key).__name__}, not a string"
+            child = _key_path(path, key)
+            found = (_string_problem(key, child) if isinstance(key, str) else None) or _find_problem(
+                item, child, depth + 1, open_containers)
+            if found:
                 return found
-        return "", ""
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            found = _find_unserializable(item, f"{path}[{index}]")
-            if found[0]:
-                return found
-        return "", ""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path, f"{value!r} is not a finite number"
-    if value is None or isinstance(value, str | int | float | bool):
-        return "", ""
+        return None
+    for index, item in enumerate(value):
+        found = _find_problem(item, f"{path}[{index}]", depth + 1, open_containers)
+        if found:
+            return found
+    return None
+
+
+def _string_problem(text: str, path: str) -> tuple[str, str] | None:
+    """PostgreSQL stores no NUL character, and UTF-8 has no form for a lone surrogate."""
+    if "\x00" in text:
+        return path, "it holds a NUL character (\\x00), which PostgreSQL cannot store; remove it"
     try:
-        _json_default(value)
-    except (TypeError, ValueError) as exc:
-        return path, str(exc)
-    return "", ""
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return path, (f"it holds a lone surrogate {text[exc.start]!r}, which is not valid Unicode; "
+                      "replace or remove it (decoding with errors='replace' does)")
+    return None
+
+
+def _key_path(path: str, key: Any) -> str:
+    name = str(key)
+    if name.isprintable() and name and not any(c in name for c in ".[]'"):
+        return f"{path}.{name}" if path else name
+    return f"{path or 'event'}[{name!r}]"
+
+
+def _shorten(path: str, keep: int = 60) -> str:
+    return path if len(path) <= 2 * keep else f"{path[:keep]}...{path[-keep:]}"
 
 
 def _show(value: Any) -> str:

@@ -13,6 +13,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import outbox
+from outbox.validation import prepare
+from outbox.wake import WAKE_SQL
 
 INSERT_ORDER = text("INSERT INTO orders (ref) VALUES (:ref)")
 
@@ -38,11 +40,13 @@ def db(clean, orders_table):
 
 @contextlib.contextmanager
 def statements(engine):
-    """Record every statement sent to the server while the block runs."""
+    """Record every statement sent to the server while the block runs, but the workers' wake-ups:
+    those run after some earlier commit, on a pooled connection of their own, whenever they are due."""
     seen: list[str] = []
 
     def record(conn, cursor, statement, parameters, context, executemany):
-        seen.append(statement)
+        if statement != WAKE_SQL:
+            seen.append(statement)
 
     sa_event.listen(engine, "before_cursor_execute", record)
     try:
@@ -155,6 +159,19 @@ def test_enqueue_issues_one_statement(db):
 
 # ---------------------------------------------------------------- invalid input
 
+def self_referencing() -> dict:
+    evt = purchase()
+    evt["properties"]["self"] = evt["properties"]
+    return evt
+
+
+def deeply_nested(depth: int = 100_000) -> dict:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return purchase(deep=value)
+
+
 INVALID = [
     ("not a mapping", ["Purchase"], "mapping"),
     ("event missing", {"properties": {"distinct_id": "u"}}, "'event'"),
@@ -165,6 +182,11 @@ INVALID = [
     ("insert_id empty", purchase(**{"$insert_id": ""}), "$insert_id"),
     ("a set", purchase(tags={"a"}), "properties.tags"),
     ("too large", purchase(blob="x" * outbox.MAX_EVENT_BYTES), str(outbox.MAX_EVENT_BYTES)),
+    ("NUL in a value", purchase(note="a\x00b"), "properties.note"),
+    ("NUL in a key", purchase(**{"a\x00b": 1}), "properties['a\\x00b']"),
+    ("lone surrogate", purchase(note="\ud800"), "properties.note"),
+    ("self-referencing", self_referencing(), "properties.self"),
+    ("absurdly deep", deeply_nested(), "properties.deep"),
 ]
 
 
@@ -187,6 +209,43 @@ def test_invalid_event_runs_no_sql_and_leaves_the_transaction_usable(db, bad, fr
         handle.commit()
     assert order_refs(db) == ["before", "after"]
     assert [r["insert_id"] for r in outbox_rows(db)] == [insert_id]
+
+
+# ---------------------------------------------------------------- what is stored
+
+FIXED = purchase(city="Zürich", note="€" * 10, **{"$insert_id": "fixed-1", "time": 1_700_000_000})
+
+
+def test_the_payload_inserted_is_the_text_validation_measured(db):
+    sent: list = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        sent.append(parameters)
+
+    sa_event.listen(db, "before_cursor_execute", record)
+    try:
+        with Session(db) as session:
+            outbox.enqueue(session, FIXED)
+            session.commit()
+    finally:
+        sa_event.remove(db, "before_cursor_execute", record)
+    [parameters] = sent
+    assert parameters["payload"] == prepare(FIXED)[2]
+
+
+def test_the_stored_text_is_the_validated_text(db):
+    with db.connect() as conn:
+        column_type = conn.execute(text(
+            "SELECT data_type FROM information_schema.columns"
+            " WHERE table_name = 'fp_outbox_events' AND column_name = 'payload'")).scalar_one()
+    if column_type != "json":
+        pytest.skip(f"the payload column is {column_type}, which re-formats the text; stored verbatim once it is json")
+    with Session(db) as session:
+        outbox.enqueue(session, FIXED)
+        session.commit()
+    with db.connect() as conn:
+        stored = conn.execute(text("SELECT payload::text FROM fp_outbox_events")).scalar_one()
+    assert stored == prepare(FIXED)[2]
 
 
 @pytest.mark.parametrize("bad_user_props", [None, ["plan", "pro"], "plan=pro"], ids=["None", "list", "str"])

@@ -7,14 +7,16 @@ import copy
 import datetime as dt
 import decimal
 import json
+import re
 import time
 import uuid
+from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 
 import outbox
-from outbox.validation import MAX_EVENT_BYTES, prepare
+from outbox.validation import MAX_EVENT_BYTES, MAX_NESTING, TOKEN_ALLOWANCE, prepare
 
 NOW = 1_700_000_000.0  # a fixed clock for the plausibility checks
 
@@ -30,6 +32,26 @@ def payload_of(evt, now: float | None = NOW) -> dict:
 
 class Unserializable:
     pass
+
+
+def self_referencing_properties() -> dict:
+    evt = event()
+    evt["properties"]["self"] = evt["properties"]
+    return evt
+
+
+def self_referencing_list() -> dict:
+    items: list = [1]
+    items.append(items)
+    return event(items=items)
+
+
+def nested(depth: int, leaf=1):
+    """`depth` levels of lists around `leaf`."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 # (case id, event, a fragment the message must contain)
@@ -90,6 +112,22 @@ INVALID = [
     ("Decimal NaN in properties", event(price=decimal.Decimal("NaN")), "properties.price"),
     ("object at the top level", {"event": "Purchase", "properties": {"distinct_id": "u"}, "ctx": object()},
      "ctx"),
+    # strings PostgreSQL cannot store: the message names the path
+    ("NUL in a value", event(note="a\x00b"), "properties.note"),
+    ("NUL in a nested value", event(items=[{"sku": "ok"}, {"sku": "\x00"}]), "properties.items[1].sku"),
+    ("NUL in a key", event(**{"a\x00b": 1}), "properties['a\\x00b']"),
+    ("NUL in the event name", {"event": "Pur\x00chase", "properties": {"distinct_id": "u"}}, "'event'"),
+    ("NUL in distinct_id", event(distinct_id="u\x00"), "properties.distinct_id"),
+    ("NUL in insert_id", event(**{"$insert_id": "i\x00"}), "properties.$insert_id"),
+    ("lone high surrogate", event(note="a\ud800b"), "properties.note"),
+    ("lone low surrogate in a list", event(tags=["ok", "\udc00"]), "properties.tags[1]"),
+    ("surrogate in a key", event(meta={"\ud83d": 1}), "properties.meta['\\ud83d']"),
+    ("surrogate pair as two code points", event(note="\ud83d\ude00"), "properties.note"),
+    # structures JSON cannot hold
+    ("self-referencing properties", self_referencing_properties(), "properties.self"),
+    ("self-referencing list", self_referencing_list(), "properties.items[1]"),
+    ("absurdly deep", event(deep=nested(100_000)), "properties.deep[0][0]"),
+    ("one level too deep", event(deep=nested(MAX_NESTING - 1)), "properties.deep"),
     # over the size limit
     ("over MAX_EVENT_BYTES", event(blob="x" * MAX_EVENT_BYTES), str(MAX_EVENT_BYTES)),
 ]
@@ -121,9 +159,12 @@ def _holds_unclonable(evt) -> bool:
 
 def _same(a, b) -> bool:
     # NaN != NaN, and fresh object() instances differ: compare their reprs' shapes instead.
-    return json.dumps(a, default=lambda v: type(v).__name__, sort_keys=True) == json.dumps(
-        b, default=lambda v: type(v).__name__, sort_keys=True
-    )
+    try:
+        return json.dumps(a, default=lambda v: type(v).__name__, sort_keys=True) == json.dumps(
+            b, default=lambda v: type(v).__name__, sort_keys=True
+        )
+    except ValueError:  # a cycle: repr shows it as {...} or [...]
+        return repr(a) == repr(b)
 
 
 def test_invalid_event_is_a_value_error():
@@ -146,13 +187,61 @@ def test_nested_read_only_mapping_is_stored_as_an_object():
     assert payload_of(event(meta=MappingProxyType({"a": 1})))["properties"]["meta"] == {"a": 1}
 
 
-def test_exactly_max_event_bytes_is_accepted():
-    base = len(prepare(event(blob="", **{"$insert_id": "i", "time": NOW}), now=NOW)[2].encode())
-    evt = event(blob="x" * (MAX_EVENT_BYTES - base), **{"$insert_id": "i", "time": NOW})
-    assert len(prepare(evt, now=NOW)[2].encode()) == MAX_EVENT_BYTES
-    evt["properties"]["blob"] += "x"
+def _largest_accepted(filler: str, **properties) -> tuple[dict, int]:
+    """An event whose `blob` of `filler` characters brings it exactly to the limit, and its size."""
+    fixed = {"$insert_id": "i", "time": NOW, **properties}
+    base = len(prepare(event(blob="", **fixed), now=NOW)[2].encode())
+    limit = MAX_EVENT_BYTES if isinstance(properties.get("token"), str) else MAX_EVENT_BYTES - TOKEN_ALLOWANCE
+    evt = event(blob=filler * ((limit - base) // len(filler.encode())), **fixed)
+    return evt, limit
+
+
+@pytest.mark.parametrize("filler", ["x", "é", "€", "😀"], ids=["ascii", "2-byte", "3-byte", "4-byte"])
+@pytest.mark.parametrize("token", [None, "env-id"], ids=["no token", "own token"])
+def test_the_limit_is_measured_in_utf8_bytes_of_the_stored_text(filler, token):
+    evt, limit = _largest_accepted(filler, **({"token": token} if token else {}))
+    stored = prepare(evt, now=NOW)[2]
+    assert len(stored.encode()) > limit - len(filler.encode())  # filled to within one character
+    assert len(stored.encode()) <= limit
+    evt["properties"]["blob"] += filler * 2
     with pytest.raises(outbox.InvalidEvent, match=str(MAX_EVENT_BYTES)):
         prepare(evt, now=NOW)
+
+
+def test_a_token_the_worker_adds_fits_in_the_allowance():
+    # The worker inserts `"token":"<environment id>",` into events that carry none; environment ids
+    # are UUIDs, so the event it sends stays within MAX_EVENT_BYTES.
+    added = len(',"token":""'.encode()) + len(str(uuid.uuid4()))
+    assert added <= TOKEN_ALLOWANCE
+
+
+def test_the_stored_text_is_compact_utf8_json():
+    stored = prepare(event(city="Zürich", price=1.5, tags=["a", "€"], **{"$insert_id": "i"}), now=NOW)[2]
+    assert stored == json.dumps(json.loads(stored), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert "Zürich" in stored and "\\u" not in stored
+
+
+def test_nesting_up_to_the_limit_is_accepted():
+    # the event object and properties are two levels; the value may add the rest
+    assert payload_of(event(deep=nested(MAX_NESTING - 2)))["properties"]["deep"] == nested(MAX_NESTING - 2)
+
+
+def test_a_structure_shared_twice_is_not_a_cycle():
+    shared = {"sku": "a"}
+    assert payload_of(event(first=shared, second=[shared]))["properties"]["second"] == [{"sku": "a"}]
+
+
+@pytest.mark.parametrize("text", ["\\u0000", "C:\\x00", "\\\\u0000"], ids=["escaped", "backslash x", "double"])
+def test_text_that_only_looks_like_a_nul_is_kept(text):
+    assert payload_of(event(note=text))["properties"]["note"] == text
+
+
+def test_a_cycle_through_a_read_only_mapping_is_refused():
+    inner: dict = {}
+    proxy = MappingProxyType(inner)
+    inner["again"] = proxy
+    with pytest.raises(outbox.InvalidEvent, match=re.escape("properties.meta.again")):
+        prepare(event(meta=proxy), now=NOW)
 
 
 # ---------------------------------------------------------------- conversions
@@ -274,6 +363,44 @@ def test_token_may_be_absent_or_present():
     assert payload_of(event(token="env-id"))["properties"]["token"] == "env-id"
 
 
+# ---------------------------------------------------------------- the README's table
+
+# One example for each row of the README's validation table, by a phrase of the row's first cell.
+README_EXAMPLES = {
+    "event not a mapping": ["Purchase"],
+    "`event` missing": {"properties": {"distinct_id": "u"}},
+    "`properties` missing": {"event": "Purchase"},
+    "`distinct_id` missing": event(distinct_id=""),
+    "`time` not a number": event(time="1700000000"),
+    "`time` NaN or infinite": event(time=float("inf")),
+    "`time` not plausible": event(time=1_700_000_000_000),
+    "`$insert_id` present": event(**{"$insert_id": ""}),
+    "a value JSON cannot hold": event(items=[{}, {}, {"sku": object()}]),
+    "a string PostgreSQL cannot store": event(note="a\x00b"),
+    "a structure that contains itself": self_referencing_properties(),
+    "over the size limit": event(blob="x" * MAX_EVENT_BYTES),
+}
+
+
+def _readme_validation_rows() -> list[tuple[str, str]]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Validation", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| (.+?) \| `(.+?)`.*\|$", section, re.MULTILINE)
+    return [(cell, message) for cell, message in rows if cell != "---"]
+
+
+def test_the_readme_validation_table_shows_the_real_messages():
+    rows = _readme_validation_rows()
+    assert len(rows) == len(README_EXAMPLES)
+    for cell, message in rows:
+        [example] = [evt for phrase, evt in README_EXAMPLES.items() if cell.startswith(phrase)]
+        with pytest.raises(outbox.InvalidEvent) as caught:
+            prepare(example, now=NOW)
+        fragments = [re.escape(f.strip()).replace(r"\ N\ ", r"\ \d+\ ") for f in message.split("...") if f.strip()]
+        assert re.search(".*".join(fragments), str(caught.value)), (cell, str(caught.value))
+
+
 def test_public_names():
     assert outbox.MAX_EVENT_BYTES == MAX_EVENT_BYTES
+    assert outbox.TOKEN_ALLOWANCE == TOKEN_ALLOWANCE and outbox.MAX_NESTING == MAX_NESTING
     assert set(outbox.__all__) >= {"InvalidEvent", "MAX_EVENT_BYTES", "enqueue", "enqueue_many", "identify"}

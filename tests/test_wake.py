@@ -1,0 +1,293 @@
+"""Waking the workers after commit, outside the caller's transaction: no NOTIFY inside it, a commit wakes an
+idle real worker at once, a rollback wakes nobody, and a burst of commits costs a few notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import event as sa_event
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import outbox
+from outbox import wake
+from outbox.db import make_engine
+from outbox.statements import INSERT_MANY, INSERT_ONE
+from tests.conftest import url_string, wait_until
+
+
+def purchase(distinct_id: str = "13793", **properties) -> dict:
+    return {"event": "Purchase", "properties": {"distinct_id": distinct_id, **properties}}
+
+
+def conninfo(url) -> str:
+    return url_string(url.set(drivername="postgresql"))
+
+
+class Listener:
+    """A real LISTEN connection on the outbox channel, timing each notification as it arrives."""
+
+    def __init__(self, url) -> None:
+        self.arrivals: list[float] = []
+        self._conn = psycopg.connect(conninfo(url), autocommit=True)
+        self._conn.execute(f"LISTEN {wake.NOTIFY_CHANNEL}")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for _ in self._conn.notifies(timeout=0.05):
+                self.arrivals.append(time.monotonic())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._conn.close()
+
+
+@pytest.fixture
+def listener(db_url) -> Iterator[Listener]:
+    listening = Listener(db_url)
+    yield listening
+    listening.close()
+
+
+@pytest.fixture
+def fresh_engine(db_url, clean):
+    """An engine of this test's own, so its waker starts with no history."""
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def received(sink, insert_id: str) -> bool:
+    return any(r.insert_id == insert_id for r in sink.accepted())
+
+
+# ---------------------------------------------------------------- nothing inside the transaction
+
+def test_the_statements_hold_no_notify():
+    for statement in (INSERT_ONE, INSERT_MANY):
+        assert "notify" not in statement.psycopg.lower()
+        assert "notify" not in statement.sqlalchemy.text.lower()
+
+
+@contextlib.contextmanager
+def statements_by_connection(sync_engine) -> Iterator[list[tuple[bool, str]]]:
+    """Every statement, with whether it ran in autocommit mode (outside any transaction)."""
+    seen: list[tuple[bool, str]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        seen.append((conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT", statement))
+
+    sa_event.listen(sync_engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa_event.remove(sync_engine, "before_cursor_execute", record)
+
+
+def _business_and_wake_statements(seen) -> tuple[list[str], list[str]]:
+    return [s for autocommit, s in seen if not autocommit], [s for autocommit, s in seen if autocommit]
+
+
+def test_the_business_transaction_runs_no_notify_and_the_wake_up_comes_on_another_connection(fresh_engine):
+    with statements_by_connection(fresh_engine) as seen:
+        with Session(fresh_engine) as session:
+            session.execute(text("SELECT 1"))
+            outbox.enqueue(session, purchase())
+            outbox.enqueue_many(session, [purchase(), purchase()])
+            outbox.identify(session, "u-1", {"plan": "pro"})
+            session.commit()
+        with fresh_engine.connect() as conn:
+            outbox.enqueue(conn, purchase())
+            conn.commit()
+        assert wait_until(lambda: len(_business_and_wake_statements(seen)[1]) >= 1, 5)
+    inside, outside = _business_and_wake_statements(seen)
+    assert len([s for s in inside if s.startswith("INSERT INTO fp_outbox_events")]) == 4
+    assert not [s for s in inside if "notify" in s.lower()]
+    assert set(outside) == {wake.WAKE_SQL}
+
+
+def test_asyncio_handles_run_no_notify_inside_the_transaction(db_url, clean):
+    async def scenario() -> tuple[list[str], list[str]]:
+        engine = create_async_engine(db_url)
+        try:
+            with statements_by_connection(engine.sync_engine) as seen:
+                async with AsyncSession(engine) as session, session.begin():
+                    await outbox.enqueue_async(session, purchase())
+                    await outbox.enqueue_many_async(session, [purchase()])
+                async with engine.begin() as conn:
+                    await outbox.identify_async(conn, "u-1", {"plan": "pro"})
+                deadline = time.monotonic() + 5
+                while not _business_and_wake_statements(seen)[1] and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)  # the wake-up is a task on this loop
+            return _business_and_wake_statements(seen)
+        finally:
+            await engine.dispose()
+
+    inside, outside = asyncio.run(scenario())
+    assert len([s for s in inside if s.startswith("INSERT INTO fp_outbox_events")]) == 3
+    assert not [s for s in inside if "notify" in s.lower()]
+    assert set(outside) == {wake.WAKE_SQL}
+
+
+# ---------------------------------------------------------------- a commit wakes an idle worker
+
+def _worker_is_listening(engine) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = :q"),
+            {"q": f"LISTEN {wake.NOTIFY_CHANNEL}"}).scalar())
+
+
+async def _commit_async_and_wait(db_url, sink, timeout: float) -> tuple[str, bool]:
+    engine = create_async_engine(db_url)
+    try:
+        async with AsyncSession(engine) as session, session.begin():
+            insert_id = await outbox.enqueue_async(session, purchase(via="AsyncSession"))
+        deadline = time.monotonic() + timeout
+        while not received(sink, insert_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # the loop keeps running, as in an application
+        return insert_id, received(sink, insert_id)
+    finally:
+        await engine.dispose()
+
+
+def test_a_commit_wakes_an_idle_worker_long_before_its_next_poll(fresh_engine, db_url, sink, workers):
+    # The worker polls every 30 s; only a wake-up can bring an event within seconds.
+    worker = workers(db_url, sink.url, "--poll-interval", "30")
+    assert wait_until(lambda: _worker_is_listening(fresh_engine), 30), worker.output()
+    with Session(fresh_engine) as session:
+        insert_id = outbox.enqueue(session, purchase(via="Session"))
+        session.commit()
+    assert wait_until(lambda: received(sink, insert_id), 5), worker.output()
+    insert_id, arrived = asyncio.run(_commit_async_and_wait(db_url, sink, 5))
+    assert arrived, worker.output()
+
+
+def test_a_rollback_wakes_nobody(fresh_engine, listener):
+    with Session(fresh_engine) as session:
+        outbox.enqueue(session, purchase())
+        session.rollback()
+    with fresh_engine.connect() as conn:
+        outbox.enqueue(conn, purchase())
+        conn.rollback()
+    with contextlib.suppress(RuntimeError), Session(fresh_engine) as session, session.begin():
+        outbox.enqueue(session, purchase())
+        raise RuntimeError("the business code failed")
+    with Session(fresh_engine) as session:
+        outbox.enqueue(session, purchase())  # closed without commit
+    with Session(fresh_engine) as session:
+        session.execute(text("SELECT 1"))
+        session.commit()  # a later commit on a session that never enqueued in its transaction
+    time.sleep(10 * wake.WAKE_INTERVAL)  # far longer than a wake-up takes to be sent
+    assert listener.arrivals == []
+    assert fresh_engine not in wake._wakers  # nothing ever asked for one
+
+
+# ---------------------------------------------------------------- debounced
+
+def test_a_burst_of_commits_costs_few_notifications_and_the_last_one_follows_the_last_commit(
+        fresh_engine, listener):
+    commits = 500
+    started = time.monotonic()
+    with Session(fresh_engine) as session:
+        for n in range(commits):
+            outbox.enqueue(session, purchase(n=n))
+            session.commit()
+    last_commit = time.monotonic()
+    assert wait_until(lambda: listener.arrivals and listener.arrivals[-1] >= last_commit, 5)
+    time.sleep(4 * wake.WAKE_INTERVAL)  # a trailing notification would be in by now
+    elapsed = last_commit - started
+    print(f"{commits} commits in {elapsed:.2f} s: {len(listener.arrivals)} notifications")
+    # at most one per WAKE_INTERVAL while the burst lasted, plus the leading and the trailing one
+    assert len(listener.arrivals) <= elapsed / wake.WAKE_INTERVAL + 2
+    assert len(listener.arrivals) < commits / 4
+
+
+DEBOUNCE_STEPS = [
+    # (action, moment, the next send expected after it)
+    ("request", 0.000, 0.000),   # the first goes at once
+    ("send", 0.000, None),
+    ("request", 0.010, 0.025),   # within the interval: waits for its end
+    ("request", 0.020, 0.025),   # folded into the same send
+    ("send", 0.025, None),
+    ("request", 0.100, 0.100),   # after a quiet spell: at once again
+    ("request", 0.130, 0.100),   # a delayed request: its moment comes after the send below begins...
+    ("send", 0.110, 0.135),      # ...so another send follows, an interval later
+    ("send", 0.135, None),
+]
+
+
+def test_the_debounce_schedule():
+    debounce = wake.Debounce(0.025)
+    for action, moment, expected in DEBOUNCE_STEPS:
+        if action == "request":
+            debounce.request(moment)
+        else:
+            debounce.sending(moment)
+        assert debounce.next_send() == (None if expected is None else pytest.approx(expected)), (action, moment)
+
+
+# ---------------------------------------------------------------- after fork
+
+def _commit_in_child(url, engine, result) -> None:
+    engine.dispose(close=False)  # the parent's pooled connections are not this process's
+    child_listener = Listener(url)
+    try:
+        with Session(engine) as session:
+            outbox.enqueue(session, purchase(via="child"))
+            session.commit()
+        result.value = int(wait_until(lambda: child_listener.arrivals, 5))
+    finally:
+        child_listener.close()
+
+
+def test_a_forked_child_gets_a_waker_of_its_own(fresh_engine, db_url, listener):
+    with Session(fresh_engine) as session:  # the parent's waker and its thread exist before the fork
+        outbox.enqueue(session, purchase())
+        session.commit()
+    assert wait_until(lambda: listener.arrivals, 5)
+    context = multiprocessing.get_context("fork")
+    result = context.Value("i", 0)
+    child = context.Process(target=_commit_in_child, args=(db_url, fresh_engine, result))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0 and result.value == 1
+
+
+# ---------------------------------------------------------------- psycopg: the explicit wake-up
+
+def test_wake_workers_on_a_psycopg_connection_after_commit(db_url, clean, listener):
+    with psycopg.connect(conninfo(db_url)) as conn:
+        outbox.enqueue(conn, purchase())
+        with pytest.raises(ValueError, match="after commit"):
+            outbox.wake_workers(conn)  # inside the transaction: refused, nothing sent
+        conn.commit()
+        outbox.wake_workers(conn)
+        assert conn.autocommit is False  # restored
+        assert wait_until(lambda: len(listener.arrivals) == 1, 5)
+        with pytest.raises(TypeError, match="psycopg Connection"):
+            outbox.wake_workers(Session())
+
+
+def test_wake_workers_async_on_a_psycopg_async_connection(db_url, clean, listener):
+    async def scenario() -> None:
+        async with await psycopg.AsyncConnection.connect(conninfo(db_url)) as conn:
+            await outbox.enqueue_async(conn, purchase())
+            await conn.commit()
+            await outbox.wake_workers_async(conn)
+            assert conn.autocommit is False
+
+    asyncio.run(scenario())
+    assert wait_until(lambda: len(listener.arrivals) == 1, 5)
