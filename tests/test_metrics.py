@@ -12,7 +12,7 @@ from sqlalchemy import text
 from worker.engine import queries
 from worker.engine.metrics import REASONS, Metrics, reason_label
 from worker.engine.policy import Dead, Retry, classify_exception, classify_response
-from worker.engine.sender import MALFORMED, NO_TOKEN
+from worker.engine.payload import MALFORMED, NO_TOKEN
 
 
 @pytest.mark.parametrize("reason, status, label", [

@@ -38,7 +38,7 @@ class Worker:
         self.engine = engine or make_engine(
             settings.database_url, pool_size=2, max_overflow=settings.concurrency + 2, pool_pre_ping=False
         )
-        self.store = Store(self.engine, settings.owner, settings.lease.total_seconds(), settings.token)
+        self.store = Store(self.engine, settings.owner, settings.lease.total_seconds())
         self.notifier = Notifier()
         self.metrics = Metrics()
         self._stopping = StopSignal(self.notifier)

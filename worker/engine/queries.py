@@ -6,7 +6,8 @@ from sqlalchemy import text
 # One statement claims, leases and counts the attempt. The partial index serves the subquery;
 # SKIP LOCKED lets any number of workers claim side by side; an expired lease is just an
 # in_flight row whose next_attempt_at (= lease_until) has passed, so crashed work needs no rescuer.
-# The token is filled in here so the worker can send the stored JSON text as-is.
+# It returns the stored payload text and the insert_id column: the worker fills in the token in Python
+# (worker.engine.payload), so the token is never a parameter of any statement.
 CLAIM_BATCH = text(
     """
     UPDATE fp_outbox_events AS e
@@ -21,18 +22,7 @@ CLAIM_BATCH = text(
              LIMIT :limit
                FOR UPDATE SKIP LOCKED) AS due
      WHERE e.id = due.id
- RETURNING e.id, e.attempts,
-           (CASE WHEN CAST(:token AS text) IS NOT NULL
-                      AND jsonb_typeof(e.payload -> 'properties') = 'object'
-                      AND jsonb_typeof(e.payload -> 'properties' -> 'token') IS DISTINCT FROM 'string'
-                 THEN jsonb_set(e.payload, '{properties,token}', to_jsonb(CAST(:token AS text)))
-                 ELSE e.payload END)::text AS body,
-           jsonb_typeof(e.payload -> 'properties' -> 'token') = 'string'
-               OR CAST(:token AS text) IS NOT NULL AS has_token,
-           -- A row written by hand, not by enqueue, may not be an event at all: flagged here so it
-           -- is dead-lettered instead of failing the claim (and blocking the queue) for everyone.
-           jsonb_typeof(e.payload) = 'object' AND jsonb_typeof(e.payload -> 'event') = 'string'
-               AND jsonb_typeof(e.payload -> 'properties') = 'object' AS well_formed
+ RETURNING e.id, e.attempts, e.insert_id, e.payload::text AS payload
     """
 )
 

@@ -13,14 +13,11 @@ from requests.adapters import HTTPAdapter
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, wait_exponential_jitter
 
 from outbox import __version__
+from worker.engine.payload import Unsendable
 from worker.engine.policy import Dead, Outcome, Retry, classify_exception, classify_response, redact
 from worker.engine.settings import INLINE_WAIT_CAP, Settings
 from worker.engine.store import Claimed, DatabaseUnavailable
 
-NO_TOKEN = ("no token: the event carries no properties.token and the worker has none; "
-            "set FP_OUTBOX_TOKEN (or --token) and requeue")
-MALFORMED = ("malformed payload: not an object with a string 'event' and an object 'properties' "
-             "(was the row written without outbox.enqueue?); fix the payload and requeue")
 
 
 class Sender:
@@ -43,12 +40,12 @@ class Sender:
 
     def send(self, row: Claimed) -> Outcome:
         """Deliver one event; never raises: a failure of our own code dead-letters the event."""
-        if not row.well_formed:
-            return Dead(MALFORMED)
-        if not row.has_token:
-            return Dead(NO_TOKEN)
         try:
-            outcome = self._retrying()(self._post_once, row.body.encode())
+            body = row.body(self._token)
+        except Unsendable as exc:  # not an event, or no token anywhere: dead, with the reason
+            return Dead(str(exc))
+        try:
+            outcome = self._retrying()(self._post_once, body)
         except DatabaseUnavailable as exc:  # no permit for a re-send: try again later, not now
             outcome = Retry(f"rate limiter unreachable: {exc}")
         except Exception as exc:  # poison must not take the worker down or spin
@@ -103,7 +100,7 @@ class Sender:
 
     def _secrets(self, row: Claimed) -> tuple[str, ...]:
         try:
-            own = json.loads(row.body).get("properties", {}).get("token")
+            own = json.loads(row.payload).get("properties", {}).get("token")
         except (ValueError, AttributeError):
             own = None
         return tuple(t for t in (self._token, own) if isinstance(t, str) and t)

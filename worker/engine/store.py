@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from worker.engine import queries
+from worker.engine.payload import event_body
 
 log = logging.getLogger("fp_outbox.worker")
 
@@ -20,13 +21,20 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached or dropped the connection; try again later."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claimed:
+    """One claimed row: its id, the attempt this claim counted, the payload text as stored and the insert_id
+    column, from which body() builds what is sent."""
+
     id: int
     attempts: int
-    body: str
-    has_token: bool
-    well_formed: bool = True
+    payload: str
+    insert_id: str
+
+    def body(self, token: str | None) -> bytes:
+        """The bytes to POST, with `token` filled in where the event has none (worker.engine.payload.event_body);
+        raises Unsendable (NoToken, MalformedPayload) with the reason to record."""
+        return event_body(self.payload, self.insert_id, token)
 
 
 @contextlib.contextmanager
@@ -46,20 +54,19 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 class Store:
     """Named operations of the queue cycle for one worker (its lease owner id)."""
 
-    def __init__(self, engine: Engine, owner: str, lease_seconds: float, token: str | None) -> None:
+    def __init__(self, engine: Engine, owner: str, lease_seconds: float) -> None:
         self.engine = engine
         self.owner = owner
         self.lease_seconds = lease_seconds
-        self._token = token
 
     def claim(self, limit: int, rate: float) -> tuple[list[Claimed], float]:
         """Claim up to `limit` due rows and reserve that many requests of the shared rate budget, in one
         transaction; returns the rows and the seconds to wait before sending them."""
-        params = {"owner": self.owner, "lease_s": self.lease_seconds, "limit": limit, "token": self._token}
+        params = {"owner": self.owner, "lease_s": self.lease_seconds, "limit": limit}
         with transaction(self.engine) as conn:
             rows = conn.execute(queries.CLAIM_BATCH, params).all()
             wait = float(conn.execute(queries.ACQUIRE_PERMITS, {"span_s": len(rows) / rate}).scalar()) if rows else 0.0
-        claimed = [Claimed(row.id, row.attempts, row.body, bool(row.has_token), bool(row.well_formed)) for row in rows]
+        claimed = [Claimed(row.id, row.attempts, row.payload, row.insert_id) for row in rows]
         return claimed, wait
 
     def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
