@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import outbox
+from bench import drain
 from outbox.db import make_engine, normalise_url, upgrade
 from worker.devtools.sink import Sink
 
@@ -71,41 +71,6 @@ def bench_enqueue(engine, args) -> dict:
         "enqueue_vs_bare": round(enqueue_ms / bare_ms, 3),
         "enqueue_many_1000_events_per_s": round(1000 / statistics.median(many)),
     }
-
-
-def bench_drain(engine, url: str, args) -> dict:
-    """Events/s and CPU per event of 1, 2 and 4 workers draining a backlog, against a plain requests loop
-    posting the same payloads from memory with the same concurrency (the cost of durability, isolated)."""
-    figures = {"events": args.events, "concurrency": args.concurrency, "receiver_latency_ms": args.latency_ms}
-    with Sink(burst_limit=None, latency=args.latency_ms / 1000) as sink:
-        capacity = _receiver_capacity(sink.url, args.events, args.concurrency)
-        loop = _plain_loop(sink.url, args.events, args.concurrency)
-        figures.update(receiver_capacity_per_s=round(capacity),
-                       plain_loop_events_per_s=round(loop["rate"]), plain_loop_cpu_ms_per_event=round(loop["cpu_ms"], 3))
-        for count in args.worker_counts:
-            rate, cpu_ms = _drain_once(engine, url, sink, args, count)
-            figures.update({f"workers_{count}_events_per_s": round(rate), f"workers_{count}_cpu_ms_per_event": round(cpu_ms, 3),
-                            f"workers_{count}_vs_loop_rate": round(rate / loop["rate"], 3),
-                            f"workers_{count}_vs_loop_cpu": round(cpu_ms / loop["cpu_ms"], 3)})
-    return figures
-
-
-def _drain_once(engine, url: str, sink: Sink, args, workers: int) -> tuple[float, float]:
-    _fresh_backlog(engine, args.events)
-    sink.clear()
-    cpu_before = _children_cpu()
-    started = time.perf_counter()
-    cmd = [sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url, "--token", "bench-token",
-           "--drain", "--concurrency", str(args.concurrency)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
-    for proc in procs:
-        assert proc.wait(3600) == 0
-    elapsed = time.perf_counter() - started
-    cpu = _children_cpu() - cpu_before
-    delivered = sink.counts()["distinct_insert_ids"]
-    assert delivered == args.events, f"only {delivered} of {args.events} arrived"
-    print(f"  {workers} worker(s): {args.events / elapsed:.0f} events/s", file=sys.stderr)
-    return args.events / elapsed, cpu / args.events * 1e3
 
 
 def bench_faults(engine, url: str, args) -> dict:
@@ -331,34 +296,6 @@ def _status(engine) -> dict:
     return status_counts(engine)
 
 
-PLAIN_LOOP = r"""
-import json, resource, sys, threading, time, requests
-url, n, c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-bodies = [json.dumps({"event": "Purchase", "properties": {"distinct_id": f"user-{i % 1000}", "price": 500,
-          "sku": f"sku-{i}", "token": "bench-token", "time": 1.7e9, "$insert_id": f"loop-{i}"}}).encode() for i in range(n)]
-it, lock = iter(bodies), threading.Lock()
-def run():
-    s = requests.Session(); s.headers["Content-Type"] = "application/json"
-    while True:
-        with lock:
-            b = next(it, None)
-        if b is None:
-            return
-        s.post(url, data=b, timeout=(3.05, 10)).raise_for_status()
-t = time.perf_counter(); threads = [threading.Thread(target=run) for _ in range(c)]
-[x.start() for x in threads]; [x.join() for x in threads]
-r = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"seconds": time.perf_counter() - t, "cpu": r.ru_utime + r.ru_stime}))
-"""
-
-
-def _plain_loop(url: str, events: int, concurrency: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", PLAIN_LOOP, url, str(events), str(concurrency)],
-                         check=True, capture_output=True, text=True, timeout=1800)
-    figures = json.loads(out.stdout)
-    return {"rate": events / figures["seconds"], "cpu_ms": figures["cpu"] / events * 1e3}
-
-
 def _fresh_backlog(engine, events: int) -> list[str]:
     """An outbox holding exactly `events` pending events (enqueued 1,000 per transaction)."""
     with engine.begin() as conn:
@@ -369,22 +306,6 @@ def _fresh_backlog(engine, events: int) -> list[str]:
             ids += outbox.enqueue_many(session, [_event(i) for i in range(start, min(events, start + 1000))])
             session.commit()
     return ids
-
-
-def _receiver_capacity(url: str, events: int, concurrency: int) -> float:
-    """What the receiver absorbs from two plain loops at once (double the concurrency): its headroom
-    over what one worker asks of it."""
-    cmd = [sys.executable, "-c", PLAIN_LOOP, url, str(events // 2), str(concurrency)]
-    started = time.perf_counter()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL) for _ in range(2)]
-    for proc in procs:
-        assert proc.wait(1800) == 0
-    return (events // 2) * 2 / (time.perf_counter() - started)
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 @contextlib.contextmanager
@@ -404,7 +325,8 @@ def _database(args):
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("which", choices=["enqueue", "drain", "faults", "latency", "rate", "growth", "cycle"])
-    parser.add_argument("--worker-counts", type=int, nargs="+", default=[1, 2, 4], help="drain: workers per run")
+    parser.add_argument("--rounds", type=int, default=1, help="drain: runs of each sender, interleaved (median)")
+    parser.add_argument("--profile", help="drain: then profile one worker with py-spy into PROFILE.txt and .svg")
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="growth: rows kept / backlog size")
     parser.add_argument("--samples", type=int, default=200, help="latency: events committed one at a time")
     parser.add_argument("--workers", type=int, default=4, help="rate: worker processes")
@@ -413,12 +335,12 @@ def main() -> int:
     parser.add_argument("--transactions", type=int, default=2000, help="enqueue: transactions per variant")
     parser.add_argument("--events", type=int, default=20000, help="drain: backlog size")
     parser.add_argument("--concurrency", type=int, default=32, help="drain: requests in flight")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="drain: receiver answer delay")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="faults: receiver answer delay")
     args = parser.parse_args()
     with _database(args) as url:
         engine = make_engine(url)
         plain = url.render_as_string(hide_password=False)
-        figures = {"enqueue": lambda: bench_enqueue(engine, args), "drain": lambda: bench_drain(engine, plain, args),
+        figures = {"enqueue": lambda: bench_enqueue(engine, args), "drain": lambda: drain.bench_drain(engine, plain, args, _fresh_backlog),
                    "faults": lambda: bench_faults(engine, plain, args),
                    "latency": lambda: bench_latency(engine, plain, args),
                    "rate": lambda: bench_rate(engine, plain, args),
