@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import random
 from datetime import timedelta
 
@@ -265,3 +266,79 @@ def test_redact(text, secrets, expected):
 def test_redacted_reason_from_an_echoing_error_page():
     outcome = classify_response(401, {}, '{"error": "unknown token tok-3f9a"}', now=NOW)
     assert "tok-3f9a" not in redact(outcome.reason, ("tok-3f9a",))
+
+
+# ---------------------------------------------------------------- hostile answers (issue 9)
+
+STRICT_RETRY_AFTER = [
+    ("superscript two", "²", None),
+    ("fullwidth digits", "１２", None),
+    ("arabic-indic digit", "٣", None),
+    ("exponent", "1e3", None),
+    ("plus sign", "+5", None),
+    ("a date with non-ASCII digits", "Wed, ２1 Oct 2015 07:28:00 GMT", None),
+    ("a number too large for a float", "9" * 400, 1e9),
+    ("tabs around seconds", "\t7\t", 7.0),
+]
+
+
+@pytest.mark.parametrize("value, expected", [c[1:] for c in STRICT_RETRY_AFTER], ids=[c[0] for c in STRICT_RETRY_AFTER])
+def test_retry_after_is_ascii_digits_or_an_http_date_and_nothing_else(value, expected):
+    assert parse_retry_after(value, now=NOW) == expected
+
+
+def test_a_503_with_an_unreadable_retry_after_is_still_retried():
+    assert classify_response(503, {"Retry-After": "²"}, "busy", now=NOW) == Retry("HTTP 503: busy", 503, None)
+
+
+STORABLE = [
+    ("raw NUL byte", b"bad\x00request", "bad\\0request"),
+    ("NUL character", "bad\x00request", "bad\\0request"),
+    ("lone surrogate", "bad\ud800request", "bad\ufffdrequest"),
+    ("invalid UTF-8", b"bad\xff\xferequest", "bad\ufffd\ufffdrequest"),
+    ("control characters", "a\x01b\x7fc", "a b c"),
+]
+
+
+@pytest.mark.parametrize("body, expected", [c[1:] for c in STORABLE], ids=[c[0] for c in STORABLE])
+def test_the_excerpt_is_always_storable_text(body, expected):
+    outcome = classify_response(400, {}, body, now=NOW)
+    assert outcome == Dead(f"HTTP 400: {expected}", 400)
+    assert "\x00" not in outcome.reason
+    outcome.reason.encode("utf-8")  # no lone surrogate: PostgreSQL text accepts it
+
+
+SECRET = "tok-3f9a1c0d-test"
+JSON_ECHOES = [
+    ("raw", SECRET),
+    ("hyphens as \\u002d", SECRET.replace("-", "\\u002d")),
+    ("hyphens as \\u002D", SECRET.replace("-", "\\u002D")),
+    ("every character escaped", "".join(f"\\u{ord(c):04x}" for c in SECRET)),
+    ("json.dumps of the token", json.dumps(SECRET)[1:-1]),
+]
+
+
+@pytest.mark.parametrize("echo", [c[1] for c in JSON_ECHOES], ids=[c[0] for c in JSON_ECHOES])
+def test_a_token_echoed_in_any_json_escaping_is_redacted(echo):
+    outcome = classify_response(401, {}, '{"error": "unknown token ' + echo + '"}', now=NOW, secrets=(SECRET,))
+    assert outcome == Dead('HTTP 401: {"error": "unknown token [token]"}', 401)
+
+
+def test_a_non_ascii_token_escaped_as_json_is_redacted():
+    secret = "tök-☃-😀"
+    for echo in (json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]):
+        assert redact(f"echo {echo} end", (secret,)) == "echo [token] end"
+
+
+@pytest.mark.parametrize("offset", range(EXCERPT_CHARS - len(SECRET) - 5, EXCERPT_CHARS + 5))
+def test_the_token_is_redacted_before_the_excerpt_is_cut(offset):
+    outcome = classify_response(400, {}, "x" * offset + SECRET + " tail", now=NOW, secrets=(SECRET,))
+    for length in range(4, len(SECRET) + 1):
+        assert SECRET[:length] not in outcome.reason, (offset, outcome.reason[-30:])
+
+
+def test_a_token_cut_by_the_read_limit_is_not_half_shown():
+    body = ("x" * 100 + SECRET).encode()
+    for cut in range(100, len(body)):  # the answer was longer than what was read: the last bytes are suspect
+        outcome = classify_response(400, {}, body[:cut], now=NOW, secrets=(SECRET,), truncated=True)
+        assert not any(SECRET[:n] in outcome.reason for n in range(4, len(SECRET) + 1)), cut

@@ -12,14 +12,23 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import random
+import re
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import requests
+import urllib3.exceptions
 
 EXCERPT_CHARS = 200
+RETRY_AFTER_MAX = 1e9  # seconds; any longer is as good as never, and a float that large still sleeps finitely
+_SECONDS = re.compile(r"[0-9]+", re.ASCII)
+_UNPRINTABLE = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "/": "\\/", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+                  "\t": "\\t"}
 
 
 @dataclass(frozen=True)
@@ -43,11 +52,17 @@ class Dead:
 Outcome = Delivered | Retry | Dead
 
 
-def classify_response(status: int, headers: dict[str, str] | None, body: str, now: float | None = None) -> Outcome:
-    """What an HTTP answer means for the event that was sent."""
+class DeadlineExceeded(Exception):
+    """A request ran past its total deadline (a trickling answer) and its connection was cut."""
+
+
+def classify_response(status: int, headers, body: bytes | str, now: float | None = None,
+                      secrets: tuple[str, ...] = (), truncated: bool = False) -> Outcome:
+    """What an HTTP answer means for the event that was sent. `body` is what was read of the answer
+    (`truncated`: there was more); the excerpt recorded from it never shows a token in `secrets`."""
     if 200 <= status < 300:
         return Delivered(status)
-    excerpt = f"HTTP {status}: {excerpt_of(body)}".rstrip(": ")
+    excerpt = f"HTTP {status}: {excerpt_of(body, secrets, truncated)}".rstrip(": ")
     if status in (408, 429) or status >= 500 or 300 <= status < 400:
         after = parse_retry_after((headers or {}).get("Retry-After"), now)
         return Retry(excerpt, status, after)
@@ -56,31 +71,45 @@ def classify_response(status: int, headers: dict[str, str] | None, body: str, no
 
 def classify_exception(exc: BaseException) -> Outcome:
     """What a failure to get an answer means: the server may or may not have seen it, so retry."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    if isinstance(exc, DeadlineExceeded):
+        return Retry(f"deadline: {exc}")
+    if isinstance(exc, urllib3.exceptions.NewConnectionError | urllib3.exceptions.NameResolutionError):
+        return Retry(f"connection error: {_first_line(exc)}")
+    if isinstance(exc, requests.exceptions.ConnectTimeout | urllib3.exceptions.ConnectTimeoutError):
         return Retry(f"connect timeout: {exc.__class__.__name__}")
-    if isinstance(exc, requests.exceptions.Timeout):
+    if isinstance(exc, requests.exceptions.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
         # It may have arrived; the re-send carries the same $insert_id, so the destination dedupes.
         return Retry("read timeout: no answer in time")
-    if isinstance(exc, requests.exceptions.RequestException):
+    if isinstance(exc, requests.exceptions.RequestException | urllib3.exceptions.HTTPError | OSError):
         return Retry(f"connection error: {_first_line(exc)}")
     return Dead(f"worker error: {exc.__class__.__name__}: {_first_line(exc)}")
 
 
-def excerpt_of(body: str) -> str:
-    text = " ".join(body.split())
+def excerpt_of(body: bytes | str, secrets: tuple[str, ...] = (), truncated: bool = False) -> str:
+    """A one-line excerpt of an answer that PostgreSQL can store and a log can show: tokens redacted first
+    (raw or JSON-escaped), then NULs, lone surrogates and control characters replaced, then cut."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    longest = max((_longest_escaping(secret) for secret in secrets if secret), default=0)
+    if truncated and longest:
+        text = text[: max(0, len(text) - longest + 1)]  # what was read may end inside a token: drop that tail
+    text = redact(text, secrets)
+    text = _SURROGATE.sub("\ufffd", text.replace("\x00", "\\0"))
+    text = " ".join(_UNPRINTABLE.sub(" ", text).split())
     return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP date; None if absent or unreadable."""
+    """Retry-After as seconds from now: ASCII delta-seconds or an HTTP date; None if absent or unreadable."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _SECONDS.fullmatch(value):
+        return min(float(value), RETRY_AFTER_MAX)
+    if not value.isascii():
+        return None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None or when.tzinfo is None:
         return None
@@ -109,11 +138,37 @@ class Backoff:
 
 
 def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """Remove tokens from anything we record or log (an error page may echo the request)."""
+    """Remove tokens from anything we record or log (an error page may echo the request, JSON-escaped)."""
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "[token]")
+            text = _token_pattern(secret).sub("[token]", text)
     return text
+
+
+@functools.lru_cache(maxsize=64)
+def _token_pattern(secret: str) -> re.Pattern[str]:
+    """The secret written raw or with any of its characters JSON-escaped (\\u002d, \\u002D, \\/ ...)."""
+    return re.compile("".join(_escapings(char) for char in secret))
+
+
+def _escapings(char: str) -> str:
+    code = ord(char)
+    if code > 0xFFFF:  # JSON writes it as a surrogate pair
+        high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
+        forms = [re.escape(char), _hex_escape(high) + _hex_escape(low)]
+    else:
+        forms = [re.escape(char), _hex_escape(code)]
+    if char in _SHORT_ESCAPES:
+        forms.append(re.escape(_SHORT_ESCAPES[char]))
+    return "(?:" + "|".join(forms) + ")"
+
+
+def _hex_escape(code: int) -> str:
+    return "\\\\u" + "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{code:04x}")
+
+
+def _longest_escaping(secret: str) -> int:
+    return sum(12 if ord(char) > 0xFFFF else 6 for char in secret)
 
 
 def _first_line(exc: BaseException) -> str:
