@@ -248,7 +248,7 @@ def bench_cycle(engine, url: str, args) -> dict:
     from worker.engine import Delivered, Worker, build_parser, from_args
 
     class InstantTransport:
-        def send(self, row):
+        def send(self, row, *_):
             return Delivered(200)
 
     _fresh_backlog(engine, args.events)

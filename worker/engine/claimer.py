@@ -32,12 +32,16 @@ class Permits:
         self.rate = settings.rate_limit * RATE_HEADROOM
         self.chunk = max(1, int(settings.rate_limit * CHUNK_FRACTION))
 
-    def take(self, count: int) -> None:
-        """Wait for `count` requests of the shared budget (used by in-process re-sends)."""
+    def take(self, count: int, max_wait: float) -> bool:
+        """Reserve `count` requests of the shared budget (in-process re-sends) and wait for them, unless that
+        is longer than `max_wait` seconds (what the row's lease can spare): then False at once."""
         wait = self._store.acquire_permits(count, self.rate)
+        if wait > max_wait:
+            return False
         if wait > 0:
             self._metrics.waited_for_rate_limit(wait)
             time.sleep(wait)
+        return True
 
     def wait_out(self, wait: float, stopping: threading.Event) -> bool:
         """Wait the `wait` seconds a claim's permits start after; True if stopped meanwhile."""
@@ -64,6 +68,7 @@ class Claimer:
         free = self._settings.concurrency - len(self._in_flight)
         if self._settler.backlogged or (self._in_flight and free < self._claim_at_least) or free <= 0:
             return 0
+        claimed_at = time.monotonic()  # the lease starts no earlier than this
         try:
             rows, wait = self._store.claim(min(free, self._permits.chunk), self._permits.rate)
             self._health.ok()
@@ -72,7 +77,7 @@ class Claimer:
         except DatabaseUnavailable as exc:
             self._health.trouble(exc)
             return 0  # anything claimed comes back when its lease expires
-        return self._start(rows, wait)
+        return self._start(rows, wait, claimed_at + self._settings.lease.total_seconds())
 
     def may_claim_again(self, started: int) -> bool:
         """A full chunk came back and slots are free: more may be due, so claim again without waiting."""
@@ -87,7 +92,7 @@ class Claimer:
             event(log, logging.WARNING, "could not release rows; they return when their lease expires",
                   count=len(ids), error=str(exc))
 
-    def _start(self, rows: list[Claimed], wait: float) -> int:
+    def _start(self, rows: list[Claimed], wait: float, lease_ends: float) -> int:
         if wait > self._settings.lease.total_seconds() / 2:
             # A long global pause (after a 429): hand the rows back rather than sit on them.
             self.release([row.id for row in rows])
@@ -101,5 +106,5 @@ class Claimer:
                 self._settler.record(row, Dead(f"abandoned after {row.attempts - 1} claims without a result "
                                                "(its workers died or lost the lease while sending it)"))
                 continue
-            self._in_flight.start(row)
+            self._in_flight.start(row, lease_ends)
         return len(rows)

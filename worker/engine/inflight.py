@@ -1,62 +1,87 @@
-"""The sends in flight: a pool of sending threads, which claimed row each send serves, and the queue of
-those that finished, from which the settler collects their outcomes."""
+"""The sends in flight: sending threads that take claimed rows from one queue and put their outcomes on
+another, from which the settler collects them, and which rows are still being sent. Closing it is the line
+after which no request starts for any row it holds (those rows are then released)."""
 
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from worker.engine.metrics import Metrics
-from worker.engine.policy import Outcome
+from worker.engine.policy import Outcome, classify_exception
 from worker.engine.store import Claimed
+
+# send(row, lease_ends, may_start) -> the outcome, or None when no request started because the row was let go
+Send = Callable[[Claimed, float, Callable[[], bool]], Outcome | None]
 
 
 class InFlight:
-    """This worker's sends in progress; len() is how many."""
+    """This worker's sends in progress; len() is how many. Only the loop's thread calls its methods."""
 
-    def __init__(self, send: Callable[[Claimed], Outcome], concurrency: int, metrics: Metrics) -> None:
+    def __init__(self, send: Send, concurrency: int, metrics: Metrics) -> None:
         self._send = send
         self._metrics = metrics
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="fp-outbox-send")
-        self._running: dict[Future, Claimed] = {}
-        self._done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        self._rows: dict[int, Claimed] = {}
+        self._work: queue.SimpleQueue[tuple[Claimed, float] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[Claimed, Outcome]] = queue.SimpleQueue()
+        self._gate = threading.Lock()
+        self._open = True
+        # Daemon threads: a request hanging on a dead endpoint must never keep the process from exiting.
+        self._threads = [threading.Thread(target=self._serve, name=f"fp-outbox-send-{n}", daemon=True)
+                         for n in range(concurrency)]
+        for thread in self._threads:
+            thread.start()
 
     def __len__(self) -> int:
-        return len(self._running)
+        return len(self._rows)
 
-    def start(self, row: Claimed) -> None:
-        """Send `row` on the pool; its outcome comes back through finished()."""
-        future = self._pool.submit(self._timed_send, row)
-        self._running[future] = row
-        future.add_done_callback(self._done.put)
+    def start(self, row: Claimed, lease_ends: float) -> None:
+        """Send `row` on a sending thread, all of it before `lease_ends` (time.monotonic()); its outcome comes
+        back through finished()."""
+        self._rows[row.id] = row
+        self._work.put((row, lease_ends))
 
     def finished(self, timeout: float) -> list[tuple[Claimed, Outcome]]:
         """Every send finished by now, waiting up to `timeout` seconds for the first (0: not at all)."""
         try:
-            future = self._done.get(timeout=timeout) if timeout > 0 else self._done.get_nowait()
+            first = self._done.get(timeout=timeout) if timeout > 0 else self._done.get_nowait()
         except queue.Empty:
             return []
-        results = []
+        results = [first]
         while True:
-            results.append((self._running.pop(future), future.result()))  # Sender.send never raises
             try:
-                future = self._done.get_nowait()
+                results.append(self._done.get_nowait())
             except queue.Empty:
-                return results
+                break
+        for row, _ in results:
+            del self._rows[row.id]
+        return results
 
     def rows(self) -> list[Claimed]:
-        """The rows whose sends have not finished."""
-        return list(self._running.values())
+        """The rows whose sends have not finished (or whose outcomes were not collected yet)."""
+        return list(self._rows.values())
 
     def close(self) -> None:
-        """Stop the pool without waiting; sends not yet begun are cancelled (their rows were released)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """From now on no request starts for any row held here; sending threads end as their sends do."""
+        with self._gate:
+            self._open = False
+        for _ in self._threads:
+            self._work.put(None)
 
-    def _timed_send(self, row: Claimed) -> Outcome:
-        started = time.perf_counter()
-        try:
-            return self._send(row)
-        finally:
-            self._metrics.observe_send(time.perf_counter() - started)
+    def _may_start(self) -> bool:
+        with self._gate:
+            return self._open
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            row, lease_ends = item
+            started = time.perf_counter()
+            try:
+                outcome = self._send(row, lease_ends, self._may_start)
+            except Exception as exc:  # send() should never raise; if it does, the row is dead, not stuck
+                outcome = classify_exception(exc)
+            if outcome is not None:  # None: nothing was sent, the row was released as it was
+                self._metrics.observe_send(time.perf_counter() - started)
+                self._done.put((row, outcome))

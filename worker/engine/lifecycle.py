@@ -46,14 +46,16 @@ def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: thre
 
 
 def finish_or_release(in_flight: InFlight, settler: Settler, claimer: Claimer, grace: timedelta) -> int:
-    """On stop: let the sends in flight finish for up to `grace`, settle every outcome, release the rows still
-    being sent (due at once, their attempt not counted), and stop the pool. Returns how many were released."""
+    """On stop: let the sends in flight finish for up to `grace`, then start no request any more, settle every
+    outcome, and release the rows still being sent (due at once, their attempt not counted). Returns how many
+    were released."""
     deadline = time.monotonic() + grace.total_seconds()
     while in_flight and time.monotonic() < deadline:
         settler.collect(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
+    in_flight.close()  # before the release: once released, a row must never see a request from us again
+    settler.collect(timeout=0)
     settler.settle(force=True)
     leftover = [row.id for row in in_flight.rows()]
     if leftover:
         claimer.release(leftover)
-    in_flight.close()
     return len(leftover)

@@ -40,6 +40,11 @@ OPTIONS: list[tuple[str, str | None, object, type, str]] = [
 
 # Inline retries wait 0.1 s, 0.2 s, 0.4 s ... at most this long each; longer waits go to the row.
 INLINE_WAIT_CAP = 1.0
+# Seconds a request may overrun its total deadline before the reaper cuts it (worker.engine.transport).
+REAP_SLACK = 0.25
+# Seconds kept free at the end of every lease for settling the outcome: no attempt starts unless its
+# whole deadline ends at least this long before the lease does.
+LEASE_MARGIN = 2.0
 # On SIGTERM, in-flight requests get one request's worth of time to finish (never more than 20 s,
 # so the worker exits well within 30 s); whatever is still running then is released.
 MAX_SHUTDOWN_GRACE = timedelta(seconds=20)
@@ -65,9 +70,14 @@ class Settings:
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
 
     @property
+    def request_deadline(self) -> float:
+        """Seconds one request may take in all, connecting and a trickling answer included."""
+        return self.connect_timeout + self.read_timeout
+
+    @property
     def send_budget(self) -> timedelta:
-        """The longest one claimed event can take in this worker: every inline try timing out."""
-        tries = self.inline_attempts * (self.connect_timeout + self.read_timeout)
+        """The longest one claimed event can take in this worker: every inline try running to its deadline."""
+        tries = self.inline_attempts * (self.request_deadline + REAP_SLACK)
         waits = (self.inline_attempts - 1) * INLINE_WAIT_CAP
         return timedelta(seconds=tries + waits)
 
@@ -77,9 +87,12 @@ class Settings:
 
     @property
     def lease(self) -> timedelta:
-        """Derived from the send budget, so a live worker's lease never runs out under it."""
+        """Derived from the send budget, so a live worker's lease never runs out under it: the budget plus half
+        again (at least 5 s) for the rate wait and the settle, and never less than twice one request and the
+        margin, so that after the longest rate wait a claim accepts (half the lease) one whole request fits."""
         budget = self.send_budget
-        return budget + max(timedelta(seconds=5), budget / 2)
+        one = timedelta(seconds=self.request_deadline + REAP_SLACK + LEASE_MARGIN)
+        return max(budget + max(timedelta(seconds=5), budget / 2), 2 * one)
 
 
 def build_parser(prog: str = "fp-outbox-worker") -> argparse.ArgumentParser:

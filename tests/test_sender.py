@@ -1,0 +1,157 @@
+"""Sending on real sockets: what is read of an answer, each request's total deadline, the lease rule for
+in-process re-sends, and a stop that never lets a released row see another request."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+import outbox
+from tests.conftest import status_of, wait_until
+from worker.devtools.fast_receiver import ReceiverProcess
+from worker.engine import Dead, Delivered, Retry, build_parser, from_args
+from worker.engine.claimer import Permits
+from worker.engine.metrics import Metrics
+from worker.engine.sender import Sender
+from worker.engine.settings import LEASE_MARGIN
+from worker.engine.store import Claimed, Store
+
+BODY = '{"event": "E", "properties": {"distinct_id": "u", "token": "tok-sender-test", "time": 1.7e9}}'
+ROW = Claimed(id=1, attempts=1, payload=BODY, insert_id="sender-test-1")
+
+
+def _settings(endpoint: str, *flags: str):
+    argv = ["--database-url", "postgresql://nobody@127.0.0.1:1/none", "--endpoint", endpoint, *flags]
+    return from_args(build_parser().parse_args(argv), environ={})
+
+
+def _sender(endpoint: str, *flags: str, permits=lambda count, max_wait: True) -> Sender:
+    return Sender(_settings(endpoint, *flags), permits)
+
+
+def _always(*_) -> bool:
+    return True
+
+
+class RawServer:
+    """One listening socket whose every connection is handled by `serve(connection)` in a daemon thread."""
+
+    def __init__(self, serve) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/track"
+        self.requests = 0
+        threading.Thread(target=self._accept, args=(serve,), daemon=True).start()
+
+    def _accept(self, serve) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.requests += 1
+            threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _read_request(connection: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+
+
+def test_only_the_head_of_a_huge_error_page_is_read():
+    """A 100 MB error page: the excerpt comes from its first KiB, and the rest is never waited for."""
+    def serve(connection: socket.socket) -> None:
+        _read_request(connection)
+        connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 100000000\r\n\r\n" + b"oops " * 13000)
+        time.sleep(30)  # the remaining 99.9 MB never come: reading them whole would end in a timeout
+
+    server = RawServer(serve)
+    try:
+        started = time.monotonic()
+        outcome = _sender(server.url, "--read-timeout", "3", "--inline-attempts", "1").send(
+            ROW, time.monotonic() + 60, _always)
+        assert isinstance(outcome, Dead) and outcome.status == 400 and outcome.reason.startswith("HTTP 400: oops")
+        assert time.monotonic() - started < 3  # answered from the head, no read timeout waited out
+    finally:
+        server.close()
+
+
+def test_a_trickling_answer_is_cut_at_the_requests_total_deadline():
+    with ReceiverProcess(mode="trickle") as trickling:
+        sender = _sender(trickling.url, "--connect-timeout", "0.5", "--read-timeout", "2", "--inline-attempts", "1")
+        started = time.monotonic()
+        outcome = sender.send(ROW, time.monotonic() + 60, _always)
+        elapsed = time.monotonic() - started
+    assert isinstance(outcome, Retry) and outcome.reason.startswith("deadline"), outcome
+    assert 2.5 <= elapsed < 2.5 + 2  # the deadline (connect + read timeout), plus the reaper's tick and slack
+
+
+def test_a_re_send_starts_only_if_the_lease_holds_its_whole_deadline():
+    def serve(connection: socket.socket) -> None:
+        while True:
+            _read_request(connection)
+            connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
+
+    server = RawServer(serve)
+    try:
+        flags = ("--connect-timeout", "0.5", "--read-timeout", "1", "--inline-attempts", "3")
+        outcome = _sender(server.url, *flags).send(ROW, time.monotonic() + 1.5 + LEASE_MARGIN + 0.5, _always)
+        assert outcome == Retry("HTTP 503: busy", 503)  # one try: after it the lease had no room for another
+        asked = []
+        permits = lambda count, max_wait: asked.append(max_wait) or False  # noqa: E731: the budget is far off
+        outcome = _sender(server.url, *flags, permits=permits).send(ROW, time.monotonic() + 30, _always)
+        assert outcome == Retry("HTTP 503: busy", 503) and len(asked) == 1 and 0 < asked[0] < 30
+    finally:
+        server.close()
+
+
+def test_nothing_is_sent_once_the_worker_let_the_row_go():
+    with ReceiverProcess() as receiver:
+        assert _sender(receiver.url).send(ROW, time.monotonic() + 60, lambda: False) is None
+        assert _sender(receiver.url).send(ROW, time.monotonic() + 60, _always) == Delivered(200)
+        assert receiver.stats()["requests"] == 1
+
+
+def test_permits_for_a_re_send_are_never_waited_for_past_the_lease(clean):
+    store = Store(clean, "me", 30.0, None)
+    settings = _settings("http://127.0.0.1:1/track")
+    permits = Permits(store, settings, Metrics())
+    with clean.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_rate_limiter"))
+    store.pause_all(600)  # a 429 with Retry-After: 600 paused every worker
+    started = time.monotonic()
+    assert permits.take(1, max_wait=5.0) is False
+    assert time.monotonic() - started < 2
+    store.pause_all(0)
+    with clean.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_rate_limiter"))
+    assert permits.take(1, max_wait=5.0) is True
+
+
+def test_sigterm_with_a_hanging_endpoint_releases_and_never_sends_a_released_row_again(clean, db_url, workers):
+    with Session(clean) as session:
+        outbox.enqueue_many(session, [{"event": "E", "properties": {"distinct_id": f"u{i}"}} for i in range(8)])
+        session.commit()
+    with ReceiverProcess(mode="hang") as hanging:
+        worker = workers(db_url, hanging.url, "--concurrency", "4", "--connect-timeout", "0.5", "--read-timeout", "3",
+                         "--inline-attempts", "3", "--poll-interval", "0.2")
+        assert wait_until(lambda: hanging.stats()["requests"] >= 4, 20), worker.output()
+        stopped = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        assert wait_until(lambda: status_of(clean).get("in_flight", 0) == 0, 20), worker.output()
+        released = hanging.stats()["requests"]  # read once every row is back to pending
+        assert worker.wait(30) == 0, worker.output()
+        # One request's worth of grace (3.5 s + 1 s), then release and exit: no thread keeps the process alive.
+        assert time.monotonic() - stopped < 4.5 + 3
+        time.sleep(1.0)
+        assert hanging.stats()["requests"] == released  # nothing was sent for a released row
+    assert status_of(clean) == {"pending": 8}
