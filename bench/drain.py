@@ -30,6 +30,32 @@ class Sample:
     machine_busy: float  # CPU seconds of every core, from /proc/stat
     excluded: float  # CPU seconds of the receiver and of this process
     received: int
+    attributed: float  # CPU seconds of the sender's process and of its database's backends alone
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of one process (all its threads), from /proc/PID/stat; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+class Attribution:
+    """The sender's own CPU plus that of the PostgreSQL backends serving the benchmark's database (the last
+    reading of each, since backends come and go): unlike the machine's, untouched by other work on it."""
+
+    def __init__(self, pid: int, backends) -> None:
+        self._pid = pid
+        self._backends = backends  # () -> pids of the backends serving the sender, now
+        self._last: dict[int, float] = {}
+
+    def read(self) -> float:
+        for pid in [self._pid, *self._backends()]:
+            self._last[pid] = max(self._last.get(pid, 0.0), process_cpu_seconds(pid))
+        return sum(self._last.values())
 
 
 def machine_busy_seconds() -> float:
@@ -39,20 +65,22 @@ def machine_busy_seconds() -> float:
     return (sum(fields) - fields[3] - fields[4]) / TICK
 
 
-def _sample(receiver: ReceiverProcess) -> Sample:
+def _sample(receiver: ReceiverProcess, attribution: Attribution | None = None) -> Sample:
     received = receiver.stats()["requests"]
     own = sum(os.times()[:2])
-    return Sample(time.monotonic(), machine_busy_seconds(), receiver.cpu_seconds() + own, received)
+    return Sample(time.monotonic(), machine_busy_seconds(), receiver.cpu_seconds() + own, received,
+                  attribution.read() if attribution else 0.0)
 
 
-def measure(receiver: ReceiverProcess, command: list[str], events: int) -> dict:
+def measure(receiver: ReceiverProcess, command: list[str], events: int, backends=lambda: []) -> dict:
     """Run `command` to completion while sampling; events/s and CPU µs per event, whole run and steady."""
     receiver.reset()
     samples = [_sample(receiver)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    attribution = Attribution(proc.pid, backends)
     while not (ended := os.wait4(proc.pid, os.WNOHANG))[0]:  # wait4: the sender's own CPU, apart
         time.sleep(SAMPLE_EVERY)
-        samples.append(_sample(receiver))
+        samples.append(_sample(receiver, attribution))
     samples.append(_sample(receiver))
     proc.returncode = os.waitstatus_to_exitcode(ended[1])
     error = proc.stderr.read().decode(errors="replace")
@@ -60,10 +88,12 @@ def measure(receiver: ReceiverProcess, command: list[str], events: int) -> dict:
     if proc.returncode != 0 or samples[-1].received < events:
         raise RuntimeError(f"{command[:4]} exited {proc.returncode} after {samples[-1].received} of {events} "
                            f"events: {error[-2000:]}")
-    first = next(s for s in samples if s.received >= events * 0.1)
-    last = next(s for s in samples if s.received >= events * 0.9)
+    first = next(s for s in samples[1:] if s.received >= events * 0.1)
+    last = next(s for s in samples[1:-1] if s.received >= events * 0.9)
     own = ended[2].ru_utime + ended[2].ru_stime
+    steady = last.received - first.received
     return {**_between(samples[0], samples[-1], "whole"), **_between(first, last, "steady"),
+            "steady_attributed_cpu_us_per_event": round((last.attributed - first.attributed) / steady * 1e6),
             "whole_process_cpu_us_per_event": round(own / events * 1e6)}
 
 
@@ -86,7 +116,8 @@ def bench_drain(engine, url: str, args, fresh_backlog) -> dict:
         for _ in range(args.rounds):
             fresh_backlog(engine, args.events)
             time.sleep(1.0)  # let the enqueue's commits and their wake-ups settle
-            runs["worker"].append(measure(receiver, worker_command(url, receiver, args.concurrency), args.events))
+            runs["worker"].append(measure(receiver, worker_command(url, receiver, args.concurrency), args.events,
+                                          lambda: _backends(engine)))
             _report("worker", runs["worker"][-1])
             for kind in BARE_SENDERS:
                 command = [sys.executable, "-m", "bench.senders", kind, receiver.url, str(args.events),
@@ -101,13 +132,22 @@ def bench_drain(engine, url: str, args, fresh_backlog) -> dict:
     table = {name: {key: sorted(r[key] for r in results)[len(results) // 2] for key in results[0]}
              for name, results in runs.items()}
     base = table["urllib3"]
-    for key in ("whole_cpu_us_per_event", "steady_cpu_us_per_event"):
+    for key in ("whole_cpu_us_per_event", "steady_cpu_us_per_event", "steady_attributed_cpu_us_per_event"):
         table["worker"][key.replace("cpu_us_per_event", "cpu_vs_urllib3")] = round(table["worker"][key] / base[key], 3)
     return {"events": args.events, "concurrency": args.concurrency, "rounds": args.rounds, **table, **figures}
 
 
+def _backends(engine) -> list[int]:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                                      " AND pid <> pg_backend_pid()")).scalars())
+
+
 def _report(name: str, figures: dict) -> None:
     print(f"  {name:<12} steady {figures['steady_events_per_s']:>6}/s {figures['steady_cpu_us_per_event']:>5} µs/event"
+          f" (sender and its backends {figures['steady_attributed_cpu_us_per_event']:>5})"
           f"   whole {figures['whole_events_per_s']:>6}/s {figures['whole_cpu_us_per_event']:>5} µs/event"
           f" (its own process {figures['whole_process_cpu_us_per_event']:>5})",
           file=sys.stderr)

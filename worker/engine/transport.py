@@ -1,11 +1,16 @@
 """The HTTP transport of the hot path: requests' own transport (urllib3) driven directly. One connection pool,
 built once the way requests builds it (TLS verified with certifi, or REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE;
-proxies and NO_PROXY from the environment, read once), posting with no redirect and no urllib3 retry, reading
-at most READ_LIMIT bytes of any answer, and a reaper that cuts the connection of a request past its total
-deadline (urllib3's read timeout applies to each recv, so a trickling answer would never time out)."""
+proxies and NO_PROXY from the environment, read once). Each sending thread keeps one of the pool's
+connections, which urllib3 opens (TLS, proxy tunnel); the request and its answer go through http.client,
+the layer urllib3's connections are made of, without urllib3's per-request wrapping (its Retry, Timeout and
+response objects cost as much again as the HTTP itself; see the README's figures). No redirect is followed,
+nothing is retried here, at most READ_LIMIT bytes of any answer are read, and a reaper cuts the connection
+of a request past its total deadline (a read timeout applies to each recv, so a trickling answer would
+never time out)."""
 
 from __future__ import annotations
 
+import http.client
 import math
 import os
 import socket
@@ -15,6 +20,7 @@ from typing import NamedTuple
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.util.proxy import connection_requires_http_tunnel
 
 READ_LIMIT = 8 * 1024  # bytes of an answer read at most: enough for the excerpt, whatever the endpoint sends
 REAP_EVERY = 0.1  # seconds between the reaper's looks: a request may overrun its deadline by this much
@@ -32,8 +38,6 @@ class Transport:
 
     def __init__(self, endpoint: str, connect_timeout: float, read_timeout: float, pool_size: int,
                  user_agent: str) -> None:
-        import urllib3
-
         prepared = requests.Request("POST", endpoint, headers={
             "Content-Type": "application/json", "User-Agent": user_agent}).prepare()
         proxies = requests.utils.get_environ_proxies(endpoint)  # read once: requests reads them per request
@@ -44,39 +48,70 @@ class Transport:
         self._pool = self._adapter.get_connection_with_tls_context(prepared, verify, proxies=proxies)
         self._adapter.cert_verify(self._pool, endpoint, verify, None)
         self._url = self._adapter.request_url(prepared, proxies)
-        self._headers = {k: v for k, v in prepared.headers.items() if k.lower() != "content-length"}  # per body
-        self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        headers = {k: v for k, v in prepared.headers.items() if k.lower() != "content-length"}  # per body
+        self._tunnel = connection_requires_http_tunnel(self._pool.proxy, self._pool.proxy_config, self._pool.scheme)
+        if self._pool.proxy is not None and not self._tunnel:
+            headers.update(self._pool.proxy_headers)  # as the pool's urlopen adds them for a forwarding proxy
+        self._headers = headers
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        self._local = threading.local()
         self.reaper = Reaper()
-        self._pool.ConnectionCls = _watched_by(self._pool.ConnectionCls, self.reaper)
 
     def post(self, body: bytes, deadline: float) -> Answer:
         """POST `body`; the connection is cut at `deadline` (time.monotonic()) if the answer is not in by then."""
-        self.reaper.begin(deadline)
+        connection = self._connection()
+        self.reaper.begin(deadline, connection)
         try:
-            answer = self._pool.urlopen("POST", self._url, body=body, headers=self._headers, retries=False,
-                                        redirect=False, assert_same_host=False, preload_content=False,
-                                        decode_content=False, timeout=self._timeout)
-            try:
-                return _read(answer)
-            finally:
-                answer.release_conn()
+            if connection.sock is None:
+                self._connect(connection)
+            http.client.HTTPConnection.request(connection, "POST", self._url, body, self._headers)
+            answer = http.client.HTTPConnection.getresponse(connection)
+            head = answer.read(READ_LIMIT)
+            truncated = bool(answer.read(1))  # reads nothing when the body was complete
+            if truncated or answer.will_close:
+                connection.close()  # a long answer is not drained: the connection goes
+            status = answer.status
+            retry_after = answer.getheader("Retry-After") if status in (429, 503) or 300 <= status < 400 else None
+            return Answer(status, retry_after, head, truncated)
         except Exception as exc:
+            connection.close()
             if self.reaper.end():
                 raise _deadline_error(deadline) from exc
-            raise
+            translated = _translated(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         finally:
             self.reaper.end()
 
+    def _connection(self):
+        """This thread's connection, made by the pool with its TLS and proxy settings; dropped if the server
+        closed it while idle (as the pool checks before reusing one)."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._pool._new_conn()
+        elif connection.sock is not None and not connection.is_connected:
+            connection.close()
+        return connection
 
-def _read(answer) -> Answer:
-    """Read at most READ_LIMIT bytes; a longer answer's connection is closed rather than drained."""
-    head = answer.read(READ_LIMIT, decode_content=False)
-    truncated = bool(answer.read(1, decode_content=False))  # nothing is read when the body was complete
-    if truncated:
-        answer.close()
-    status = answer.status
-    retry_after = answer.headers.get("Retry-After") if status in (429, 503) or 300 <= status < 400 else None
-    return Answer(status, retry_after, head, truncated)
+    def _connect(self, connection) -> None:
+        connection.timeout = self._connect_timeout
+        if self._tunnel:
+            self._pool._prepare_proxy(connection)  # CONNECT through the proxy, then TLS to the endpoint
+        else:
+            connection.connect()
+        connection.sock.settimeout(self._read_timeout)
+
+
+def _translated(exc: BaseException) -> BaseException:
+    """urllib3's own errors for what http.client and the socket raise, so the policy sees one vocabulary."""
+    from urllib3.exceptions import ProtocolError, ReadTimeoutError
+
+    if isinstance(exc, socket.timeout | TimeoutError):
+        return ReadTimeoutError(None, None, "read timed out")
+    if isinstance(exc, http.client.HTTPException | ConnectionError):
+        return ProtocolError("connection aborted", exc)
+    return exc
 
 
 def _deadline_error(deadline: float) -> Exception:
@@ -95,17 +130,11 @@ class Reaper:
         self._thread = threading.Thread(target=self._run, name="fp-outbox-reaper", daemon=True)
         self._thread.start()
 
-    def begin(self, deadline: float) -> None:
-        """The calling thread starts a request that must be over by `deadline`."""
-        entry = [deadline, None, False]
+    def begin(self, deadline: float, connection) -> None:
+        """The calling thread starts a request on `connection` that must be over by `deadline`."""
+        entry = [deadline, connection, False]
         with self._lock:
             self._watched[threading.get_ident()] = entry
-
-    def attach(self, connection) -> None:
-        """The calling thread's request runs on `connection` (called as it connects and as it sends)."""
-        entry = self._watched.get(threading.get_ident())
-        if entry is not None:
-            entry[1] = connection
 
     def end(self) -> bool:
         """The calling thread's request is over; True if the reaper cut it."""
@@ -133,19 +162,3 @@ def _cut(connection) -> bool:
     except OSError:
         pass  # already closed: the request is failing anyway
     return True
-
-
-def _watched_by(connection_class: type, reaper: Reaper) -> type:
-    """The pool's connection class, telling the reaper which connection the calling thread's request uses."""
-
-    class Watched(connection_class):
-        def connect(self) -> None:
-            reaper.attach(self)
-            super().connect()
-
-        def request(self, *args, **kwargs):
-            reaper.attach(self)
-            return super().request(*args, **kwargs)
-
-    Watched.__name__ = f"Watched{connection_class.__name__}"
-    return Watched
