@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import outbox
-from bench import drain
+from bench import drain, rate
 from outbox.db import make_engine, normalise_url, upgrade
 from worker.devtools.sink import Sink
 
@@ -154,37 +154,6 @@ def bench_latency(engine, url: str, args) -> dict:
         "max_ms": round(latencies[-1], 2),
         "poll_interval_ms_for_comparison": 1000,
     }
-
-
-def bench_rate(engine, url: str, args) -> dict:
-    """Several workers under one --rate-limit: the achieved rate and the busiest one-second window."""
-    _fresh_backlog(engine, args.events)
-    with Sink(burst_limit=None) as sink:
-        cmd = [sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url, "--token", "bench-token",
-               "--drain", "--rate-limit", str(args.rate_limit)]
-        busy_before = _machine_cpu()
-        procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(args.workers)]
-        for proc in procs:
-            proc.wait(1800)
-        busy, total = (after - before for after, before in zip(_machine_cpu(), busy_before))
-        times = sorted(r.arrived_at for r in sink.received())
-    most, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= 1.0:
-            start += 1
-        most = max(most, end - start + 1)
-    steady = [t for t in times if times[0] + 1 <= t <= times[-1] - 1]  # without ramp-up and tail
-    achieved = len(steady) / (steady[-1] - steady[0]) if len(steady) > 1 else 0.0
-    return {"workers": args.workers, "rate_limit": args.rate_limit, "requests": len(times),
-            "achieved_per_s": round(achieved), "achieved_vs_limit": round(achieved / args.rate_limit, 3),
-            "busiest_one_second_window": most, "machine_cpu_busy_pct": round(100 * busy / total, 1)}
-
-
-def _machine_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores, from /proc/stat: is the machine itself the limit?"""
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
 
 
 def bench_growth(engine, url: str, args) -> dict:
@@ -343,7 +312,7 @@ def main() -> int:
         figures = {"enqueue": lambda: bench_enqueue(engine, args), "drain": lambda: drain.bench_drain(engine, plain, args, _fresh_backlog),
                    "faults": lambda: bench_faults(engine, plain, args),
                    "latency": lambda: bench_latency(engine, plain, args),
-                   "rate": lambda: bench_rate(engine, plain, args),
+                   "rate": lambda: rate.bench_rate(engine, plain, args, _fresh_backlog),
                    "growth": lambda: bench_growth(engine, plain, args),
                    "cycle": lambda: bench_cycle(engine, plain, args)}[args.which]()
         engine.dispose()

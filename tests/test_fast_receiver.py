@@ -35,6 +35,8 @@ def test_counts_requests_and_distinct_insert_ids_over_keep_alive(receiver):
     assert {a.status for a in answers} == {200} and answers[0].json() == {"status": 1}
     assert pool.num_connections == 1  # every request on one kept-alive connection
     assert receiver.stats()["requests"] == 50 and receiver.stats()["distinct_insert_ids"] == 7
+    times = receiver.arrivals()
+    assert len(times) == 50 and times == sorted(times) and time.time() - 60 < times[0] <= time.time()
     receiver.reset()
     assert receiver.stats()["requests"] == 0 and receiver.stats()["distinct_insert_ids"] == 0
     assert receiver.stats()["pid"] == receiver.proc.pid and receiver.cpu_seconds() >= 0

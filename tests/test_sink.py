@@ -65,7 +65,7 @@ def test_keep_alive_serves_many_requests_on_one_connection_quickly(receiver):
     with requests.Session() as session:
         statuses = [session.post(receiver.url, json=_event(i), timeout=5).status_code for i in range(200)]
     assert statuses == [200] * 200
-    assert time.monotonic() - started < 2.0  # ~40 ms each if the body waited on a delayed ACK
+    assert time.monotonic() - started < 6.0  # ~40 ms each (8 s) if the body waited on a delayed ACK
     connection = http.client.HTTPConnection(*_address(receiver), timeout=5)
     connection.request("POST", "/track", body=b"{}", headers={"Content-Type": "application/json"})
     connection.getresponse().read()
@@ -137,20 +137,24 @@ def test_a_reset_is_an_rst_not_a_clean_close(receiver):
 
 
 def test_latency_delays_the_answer_but_the_request_is_recorded_at_once(receiver):
-    receiver.set_faults(latency=0.3)
+    receiver.set_faults(latency=1.0)
     done = []
     sender = threading.Thread(target=lambda: done.append(_post(receiver).status_code))
     started = time.monotonic()
     sender.start()
-    assert receiver.wait_for(lambda s: len(s.received()) == 1, 0.25) and not done
-    sender.join(5)
-    assert done == [200] and time.monotonic() - started >= 0.3
+    assert receiver.wait_for(lambda s: len(s.received()) == 1, 10)
+    recorded = time.monotonic()
+    assert not done or recorded - started >= 1.0  # recorded before the answer went, unless the machine stalled
+    sender.join(10)
+    assert done == [200] and time.monotonic() - started >= 1.0
 
 
 def test_outage_answers_its_status_until_it_ends(receiver):
-    receiver.outage(0.2, status=502)
-    assert [_post(receiver, i).status_code for i in range(2)] == [502, 502]
-    time.sleep(0.25)
+    started = time.monotonic()
+    receiver.outage(1.0, status=502)
+    statuses = [_post(receiver, i).status_code for i in range(2)]
+    assert statuses == [502, 502] or time.monotonic() - started >= 1.0  # unless the machine stalled a second
+    time.sleep(max(0.0, started + 1.05 - time.monotonic()))
     assert _post(receiver, 3).status_code == 200
     receiver.outage(60)
     assert _post(receiver, 4).status_code == 503
@@ -159,12 +163,14 @@ def test_outage_answers_its_status_until_it_ends(receiver):
 
 
 def test_burst_limit_answers_429_with_retry_after_1_until_the_window_slides(monkeypatch):
-    monkeypatch.setattr(sink_module, "BURST_WINDOW_S", 0.3)
+    monkeypatch.setattr(sink_module, "BURST_WINDOW_S", 1.5)
     with Sink(burst_limit=5) as sink, requests.Session() as session:
+        started = time.monotonic()
         answers = [session.post(sink.url, json=_event(i), timeout=5) for i in range(8)]
-        assert [a.status_code for a in answers] == [200] * 5 + [429] * 3
-        assert answers[-1].headers["Retry-After"] == "1"
-        time.sleep(0.35)
+        if time.monotonic() - started < 1.5:  # all eight inside one window (else the machine stalled 1.5 s)
+            assert [a.status_code for a in answers] == [200] * 5 + [429] * 3
+            assert answers[-1].headers["Retry-After"] == "1"
+        time.sleep(max(0.0, started + 1.55 - time.monotonic()))
         assert session.post(sink.url, json=_event(9), timeout=5).status_code == 200
         sink.set_faults(burst_limit=None)
         assert all(session.post(sink.url, json=_event(i), timeout=5).ok for i in range(10))
@@ -235,7 +241,7 @@ def test_clear_forgets_what_arrived_but_not_the_faults(receiver):
 def test_wait_for_is_bounded_and_sees_arrivals(receiver):
     started = time.monotonic()
     assert receiver.wait_for(lambda s: False, 0.1) is False
-    assert 0.1 <= time.monotonic() - started < 0.5
+    assert 0.1 <= time.monotonic() - started < 5.0  # bounded: it gave up, long before any test timeout
     threading.Timer(0.05, lambda: _post(receiver)).start()
     assert receiver.wait_for(lambda s: s.counts()["accepted"] == 1, 5)
 

@@ -6,7 +6,8 @@ about 2,000 requests/s on two cores; this one answers several times that on one.
     python -m worker.devtools.fast_receiver [--port 0] [--mode ok|hang|trickle]
 
 prints `listening http://127.0.0.1:PORT/track` once bound. `GET /_stats` answers
-`{"requests": N, "distinct_insert_ids": M, "pid": P}`; `GET /_reset` zeroes the counts. `--mode hang` reads
+`{"requests": N, "distinct_insert_ids": M, "pid": P}`; `GET /_times` the arrival time (time.time()) of each
+request, in order; `GET /_reset` zeroes the counts. `--mode hang` reads
 every request and never answers it (a stuck endpoint); `--mode trickle` answers 200 one byte per second
 (a read timeout applied per recv never fires). Not a conformant HTTP server: chunked bodies are refused.
 """
@@ -21,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"status\": 1}"
@@ -36,8 +38,11 @@ class Counts:
     def __init__(self) -> None:
         self.requests = 0
         self.insert_ids: set[bytes] = set()
+        self.times: list[float] = []
 
-    def page(self) -> bytes:
+    def page(self, path: bytes) -> bytes:
+        if path == b"/_times":
+            return json.dumps(self.times).encode()
         return json.dumps({"requests": self.requests, "distinct_insert_ids": len(self.insert_ids),
                            "pid": os.getpid()}).encode()
 
@@ -73,11 +78,12 @@ class TrackProtocol(asyncio.Protocol):
         if head.startswith(b"GET "):
             if head.startswith(b"GET /_reset "):
                 self._counts.__init__()
-            page = self._counts.page()
+            page = self._counts.page(head.split(b" ", 2)[1])
             self._transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                                   % (len(page), page))
             return
         self._counts.requests += 1
+        self._counts.times.append(time.time())
         found = INSERT_ID.search(body)
         if found:
             self._counts.insert_ids.add(found.group(1))
@@ -129,6 +135,11 @@ class ReceiverProcess:
     def stats(self) -> dict[str, int]:
         """Requests and distinct $insert_ids since the start or the last reset()."""
         with urllib.request.urlopen(f"{self._base}/_stats", timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def arrivals(self) -> list[float]:
+        """The time.time() each request arrived at, in order."""
+        with urllib.request.urlopen(f"{self._base}/_times", timeout=30) as answer:
             return json.loads(answer.read())
 
     def reset(self) -> None:
