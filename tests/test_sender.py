@@ -122,7 +122,7 @@ def test_nothing_is_sent_once_the_worker_let_the_row_go():
 
 
 def test_permits_for_a_re_send_are_never_waited_for_past_the_lease(clean):
-    store = Store(clean, "me", 30.0, None)
+    store = Store(clean, "me", 30.0)
     settings = _settings("http://127.0.0.1:1/track")
     permits = Permits(store, settings, Metrics())
     with clean.begin() as conn:
@@ -155,3 +155,27 @@ def test_sigterm_with_a_hanging_endpoint_releases_and_never_sends_a_released_row
         time.sleep(1.0)
         assert hanging.stats()["requests"] == released  # nothing was sent for a released row
     assert status_of(clean) == {"pending": 8}
+
+
+def test_once_closed_no_send_starts_and_the_rows_not_started_stay_to_be_released():
+    from worker.engine.inflight import InFlight
+
+    release_first, started = threading.Event(), []
+
+    def send(row, lease_ends, may_start):
+        if not may_start():
+            return None
+        started.append(row.id)
+        release_first.wait(10)
+        return Delivered(200)
+
+    in_flight = InFlight(send, 1, Metrics())
+    rows = [Claimed(id=n, attempts=1, payload=BODY, insert_id=f"i{n}") for n in (1, 2, 3)]
+    for row in rows:
+        in_flight.start(row, time.monotonic() + 60)
+    assert wait_until(lambda: started == [1], 5)
+    in_flight.close()
+    release_first.set()
+    assert wait_until(lambda: in_flight.finished(0.05) != [] or len(in_flight) < 3, 5)
+    time.sleep(0.2)
+    assert started == [1] and sorted(row.id for row in in_flight.rows()) == [2, 3]
