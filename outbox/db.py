@@ -50,10 +50,18 @@ def normalise_url(raw: str) -> URL:
     return url
 
 
+# Every connection of the worker and of the admin command. No server-side prepared statements
+# (psycopg prepares a statement after 5 runs by default, and under PgBouncer's transaction pooling
+# the next run lands on a server connection that never saw it) and no session state at all: no
+# session-level SET, and no `options` startup parameter, which PgBouncer refuses.
+CONNECT_ARGS = {"connect_timeout": 10, "application_name": "fp-outbox", "prepare_threshold": None}
+
+
 def make_engine(url: URL, **kwargs) -> Engine:
-    """An engine that checks connections before use, so a restarted server costs one retry, not a crash."""
+    """An engine that checks connections before use, so a restarted server costs one retry, not a crash;
+    its connections work through PgBouncer in transaction pooling (CONNECT_ARGS)."""
     kwargs.setdefault("pool_pre_ping", True)
-    kwargs.setdefault("connect_args", {"connect_timeout": 10, "application_name": "fp-outbox"})
+    kwargs["connect_args"] = {**CONNECT_ARGS, **kwargs.get("connect_args", {})}
     return create_engine(url, **kwargs)
 
 

@@ -50,7 +50,8 @@ class Worker:
         self.claimer = Claimer(settings, self.store, self.permits, self.in_flight, self.settler, self.health,
                                self._stopping)
         self.services = SideServices(settings, self.engine, self.metrics, self._stopping)
-        self._listener = Listener(self.engine)
+        self._listener = Listener(self.engine, self._stopping)
+        self._stopping.also_while_waiting(self._listener.drain)
         self.totals = self.settler.totals
 
     def stop(self) -> None:
@@ -77,6 +78,7 @@ class Worker:
     def _step(self) -> bool:
         """One turn of the cycle: claim, send, settle. False when a drain is complete."""
         self.notifier.watchdog()
+        self._listener.drain()  # even while busy: a listener that is never read pins the server's queue
         self.services.refresh_gauges(len(self.in_flight))
         started = self.claimer.claim_and_start()  # claim due rows and start sending them on the pool
         self.services.summarise(self.totals, len(self.in_flight))
@@ -98,7 +100,7 @@ class Worker:
             event(log, logging.INFO, "drained: nothing pending or in flight")
             return False
         else:
-            self._listener.wait(self.settings.poll_interval.total_seconds(), self._stopping)
+            self._listener.wait(self.settings.poll_interval.total_seconds())
         return True
 
     def _unfinished(self) -> bool:

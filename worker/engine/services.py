@@ -9,6 +9,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -21,22 +22,38 @@ from worker.engine.settings import Settings
 
 SUMMARY_EVERY = 60.0
 QUEUE_GAUGES_EVERY = 15.0  # seconds between the queue-depth reads behind /metrics
+# Seconds between keepalives in a wait: well inside any watchdog interval systemd allows (1 s and up).
+KEEPALIVE_EVERY = 0.5
 
 
 class StopSignal(threading.Event):
-    """Set once, from a signal handler, to wind the worker down; its waits end at once when it is."""
+    """Set once, from a signal handler, to wind the worker down; its waits end at once when it is, and feed
+    the systemd watchdog (and the loop's other duties while idle, such as reading notifications) meanwhile."""
 
     def __init__(self, notifier: Notifier) -> None:
         super().__init__()
         self._notifier = notifier
+        self._loop_thread = threading.current_thread()
+        self._duties: list[Callable[[], None]] = []
+
+    def also_while_waiting(self, duty: Callable[[], None]) -> None:
+        """Run `duty` (cheap, non-blocking) at every keepalive of the loop's own thread."""
+        self._duties.append(duty)
+
+    def keepalive(self) -> None:
+        """Feed the watchdog; on the loop's thread, also do the waiting duties."""
+        self._notifier.watchdog()
+        if threading.current_thread() is self._loop_thread:
+            for duty in self._duties:
+                duty()
 
     def pause(self, seconds: float) -> bool:
-        """Wait up to `seconds` (True if stopped meanwhile), still feeding the systemd watchdog."""
+        """Wait up to `seconds` (True if stopped meanwhile), keeping alive at least once a second."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            if self.wait(min(left, 1.0)):
+            if self.wait(min(left, KEEPALIVE_EVERY)):
                 return True
-            self._notifier.watchdog()
+            self.keepalive()
         return self.is_set()
 
 
