@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 import psycopg
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from outbox.schema import NOTIFY_CHANNEL
 from worker.engine.logs import event, first_line, log
 from worker.engine.services import KEEPALIVE_EVERY, StopSignal
+from worker.engine.wakeprobe import PROBE_CHANNEL, open_listening, send_probe
 
-PROBE_CHANNEL = NOTIFY_CHANNEL + "_probe"  # its own channel: a probe wakes no other worker
-PROBE_TIMEOUT = 1.0  # seconds a self-addressed notification may take to come back
-REPROBE_EVERY = 300.0  # seconds between probes of a working LISTEN, and between tries while polling
+REPROBE_EVERY = 60.0  # seconds between probes of a working LISTEN, and between tries while polling
 RETRY_CONNECT_AFTER = 5.0  # seconds before listening again after the connection failed
 # A wake-up can come just before the commit it announces is visible (SQLAlchemy Connection's hook fires
 # before the commit): after one whose claim found nothing, claim again at +10, +30 and +70 ms.
 REPOLLS = (0.01, 0.03, 0.07)
+MAX_READS = 1000  # reads per drain at most (about 16 MB of notifications), so a flood cannot hold the loop
 _ERRORS = (psycopg.Error, SQLAlchemyError, OSError)
 
 
@@ -70,15 +68,19 @@ class Listener:
             conn.close()  # psycopg's close never raises
 
     def _read(self, conn: psycopg.Connection, timeout: float) -> bool:
-        """Read notifications for up to `timeout` seconds (0: only those already here); True on a wake-up."""
+        """Read notifications for up to `timeout` seconds, returning at the first; with 0, read until none
+        is left (each read takes what one recv brings). True if one was a wake-up."""
         woke = False
         try:
-            for note in conn.notifies(timeout=timeout, stop_after=None if timeout == 0 else 1):
-                if note.channel == PROBE_CHANNEL:
-                    if self._probe and note.payload == self._probe[0]:
+            for _ in range(MAX_READS):
+                notes = list(conn.notifies(timeout=timeout, stop_after=1 if timeout else None))
+                for note in notes:
+                    if note.channel != PROBE_CHANNEL:
+                        woke = True
+                    elif self._probe and note.payload == self._probe[0]:
                         self._probe = None
-                else:
-                    woke = True
+                if timeout or not notes:
+                    break
         except _ERRORS as exc:
             self._lost(exc)
             return False
@@ -98,44 +100,21 @@ class Listener:
             self._connect()
         elif self._probe is None:
             try:
-                self._probe = self._send_probe()
+                self._probe = send_probe(self._engine)
             except _ERRORS as exc:
                 self._lost(exc)
         return self._conn
 
     def _connect(self) -> None:
         try:
-            raw = self._engine.raw_connection()
-            conn = raw.driver_connection
-            raw.detach()  # a long-lived connection of its own, outside the pool
-            conn.autocommit = True
-            conn.execute(f"LISTEN {PROBE_CHANNEL}")
-            if self._probe_answered(conn):
-                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                self._conn = conn
-                return self._say("LISTEN", "wake-up by LISTEN: idle workers wake at each commit")
-            # Through transaction pooling the LISTEN stays behind on some pooled server connection:
-            # take it back (the pool most likely hands us that one again) before closing.
-            conn.execute("UNLISTEN *")
-            conn.close()
+            self._conn = open_listening(self._engine)
+        except _ERRORS as exc:
+            return self._lost(exc)
+        if self._conn is not None:
+            self._say("LISTEN", "wake-up by LISTEN: idle workers wake at each commit")
+        else:
             self._say("polling", "wake-up by polling: LISTEN does not deliver on this connection "
                       "(PgBouncer in transaction pooling?); new events wait up to --poll-interval")
-        except _ERRORS as exc:
-            self._lost(exc)
-
-    def _probe_answered(self, conn: psycopg.Connection) -> bool:
-        payload, deadline = self._send_probe()
-        while (left := deadline - time.monotonic()) > 0:
-            if any(n.channel == PROBE_CHANNEL and n.payload == payload
-                   for n in conn.notifies(timeout=left, stop_after=1)):
-                return True
-        return False
-
-    def _send_probe(self) -> tuple[str, float]:
-        payload = uuid.uuid4().hex
-        with self._engine.begin() as other:  # from another connection, as an application's commit would
-            other.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": PROBE_CHANNEL, "payload": payload})
-        return payload, time.monotonic() + PROBE_TIMEOUT
 
     def _lost(self, exc: BaseException | None) -> None:
         self.close()
