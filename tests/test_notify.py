@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,3 +120,49 @@ def test_reads_notify_socket_from_the_environment(listener, monkeypatch):
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     Notifier().ready()
     assert sock.recv(4096) == b"READY=1"
+
+
+def test_the_watchdog_is_fed_through_a_long_429_pause_and_idle_polls(listener, clean, db_url, sink, workers):
+    """WatchdogSec=2 s: the worker must say WATCHDOG=1 at least every 2 s from READY=1 to its exit, through
+    the global pause after a 429 with Retry-After: 4, long idle polls and the shutdown."""
+    from sqlalchemy.orm import Session
+
+    import outbox
+    from tests.conftest import status_of, wait_until
+
+    sock, path = listener
+    with Session(clean) as session:
+        outbox.enqueue_many(session, [{"event": "E", "properties": {"distinct_id": str(i)}} for i in range(20)])
+        session.commit()
+    sink.answer_next(429, retry_after="4")
+    heard: list[tuple[float, bytes]] = []
+    done = threading.Event()
+
+    def hear() -> None:
+        sock.settimeout(0.2)
+        while not done.is_set():
+            try:
+                heard.append((time.monotonic(), sock.recv(4096)))
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=hear, daemon=True)
+    thread.start()
+    # The lease is 9 s with these timeouts, so a 4 s pause is waited out holding the claimed rows.
+    worker = workers(db_url, sink.url, "--connect-timeout", "0.5", "--read-timeout", "1", "--inline-attempts", "2",
+                     "--concurrency", "4", "--poll-interval", "5", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+    try:
+        assert wait_until(lambda: status_of(clean) == {"delivered": 20}, 40), worker.output()
+        time.sleep(6)  # idle: one poll of 5 s
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, worker.output()
+    finally:
+        done.set()
+        thread.join(5)
+    limited = [r.arrived_at for r in sink.received() if r.status == 429]
+    after = [r.arrived_at for r in sink.received() if limited and r.arrived_at > limited[0] + 0.5]
+    assert limited and min(after) - limited[0] > 3.5  # the pause really happened, with rows claimed
+    ready = next(at for at, message in heard if message == b"READY=1")
+    beats = [ready] + [at for at, message in heard if message == b"WATCHDOG=1" and at > ready] + [time.monotonic()]
+    gaps = [later - earlier for earlier, later in zip(beats, beats[1:])]
+    assert max(gaps) < 2.0, f"{max(gaps):.2f} s without WATCHDOG=1"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from worker.engine.inflight import InFlight
@@ -43,10 +42,10 @@ class Permits:
             time.sleep(wait)
         return True
 
-    def wait_out(self, wait: float, stopping: threading.Event) -> bool:
-        """Wait the `wait` seconds a claim's permits start after; True if stopped meanwhile."""
+    def wait_out(self, wait: float, stopping: StopSignal) -> bool:
+        """Wait the `wait` seconds a claim's permits start after (feeding the watchdog); True if stopped meanwhile."""
         self._metrics.waited_for_rate_limit(wait)
-        return wait > 0 and stopping.wait(wait)
+        return wait > 0 and stopping.pause(wait)
 
 
 class Claimer:

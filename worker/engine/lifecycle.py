@@ -4,7 +4,6 @@ releasing what is in flight."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import timedelta
 
@@ -15,6 +14,7 @@ from outbox.schema import events
 from worker.engine.claimer import Claimer
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, first_line, log
+from worker.engine.services import StopSignal
 from worker.engine.settler import Settler
 
 
@@ -22,7 +22,7 @@ class StartupError(Exception):
     """The database stayed unreachable for the whole start-up timeout."""
 
 
-def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: threading.Event) -> None:
+def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: StopSignal) -> None:
     """Retry until the database answers and has the outbox table, or raise StartupError (ConfigError: no table)."""
     deadline = time.monotonic() + startup_timeout.total_seconds()
     delay = 0.5
@@ -39,19 +39,21 @@ def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: thre
                 ) from None
             event(log, logging.WARNING, "database not reachable yet, retrying", error=first_line(exc),
                   retry_in_s=delay)
-            stopping.wait(delay)
+            stopping.pause(delay)
             delay = min(delay * 2, 5.0)
     if not has_table:
         raise ConfigError("the outbox table does not exist in this database: run `fp-outbox migrate` first")
 
 
-def finish_or_release(in_flight: InFlight, settler: Settler, claimer: Claimer, grace: timedelta) -> int:
+def finish_or_release(in_flight: InFlight, settler: Settler, claimer: Claimer, grace: timedelta,
+                      stopping: StopSignal) -> int:
     """On stop: let the sends in flight finish for up to `grace`, then start no request any more, settle every
     outcome, and release the rows still being sent (due at once, their attempt not counted). Returns how many
     were released."""
     deadline = time.monotonic() + grace.total_seconds()
     while in_flight and time.monotonic() < deadline:
         settler.collect(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
+        stopping.keepalive()
     in_flight.close()  # before the release: once released, a row must never see a request from us again
     settler.collect(timeout=0)
     settler.settle(force=True)

@@ -113,7 +113,8 @@ class Worker:
     def _shutdown(self) -> None:
         self.notifier.stopping()
         self._listener.close()
-        released = finish_or_release(self.in_flight, self.settler, self.claimer, self.settings.shutdown_grace)
+        released = finish_or_release(self.in_flight, self.settler, self.claimer, self.settings.shutdown_grace,
+                                     self._stopping)
         self.services.stop()
         event(log, logging.INFO, "worker stopped", **self.totals, released=released,
               unsettled=self.settler.unsettled)

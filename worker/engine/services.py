@@ -48,7 +48,7 @@ class StopSignal(threading.Event):
                 duty()
 
     def pause(self, seconds: float) -> bool:
-        """Wait up to `seconds` (True if stopped meanwhile), keeping alive at least once a second."""
+        """Wait up to `seconds` (True if stopped meanwhile), keeping alive every KEEPALIVE_EVERY seconds."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             if self.wait(min(left, KEEPALIVE_EVERY)):
