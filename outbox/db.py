@@ -61,6 +61,7 @@ def make_engine(url: URL, **kwargs) -> Engine:
     """An engine that checks connections before use, so a restarted server costs one retry, not a crash;
     its connections work through PgBouncer in transaction pooling (CONNECT_ARGS)."""
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("hide_parameters", True)  # an error's text never carries a statement's values
     kwargs["connect_args"] = {**CONNECT_ARGS, **kwargs.get("connect_args", {})}
     return create_engine(url, **kwargs)
 

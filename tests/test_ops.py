@@ -324,7 +324,7 @@ def test_missing_schema_says_to_migrate(server_url, capsys):
         code = main(["stuck", "--database-url", url_string(url)])
     finally:
         drop_database(server_url, url)
-    assert code == 2 and "run `fp-outbox migrate` first" in capsys.readouterr().err
+    assert code == 5 and "run `fp-outbox migrate`" in capsys.readouterr().err
 
 
 # -- the operator's round trip ---------------------------------------------------------------------

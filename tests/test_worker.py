@@ -143,18 +143,6 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(clean, db_url, sink, wor
     assert counts["delivered"] + counts.get("pending", 0) == 30
 
 
-def test_worker_exits_2_when_the_schema_is_missing(server_url, sink, workers):
-    from tests.conftest import create_database, drop_database
-
-    url = create_database(server_url)
-    try:
-        worker = workers(url, sink.url, "--drain", "--startup-timeout", "5")
-        assert worker.wait(30) == 2
-        assert "fp-outbox migrate" in worker.output()
-    finally:
-        drop_database(server_url, url)
-
-
 def test_worker_gives_up_on_an_unreachable_database_with_a_clear_message(sink, workers):
     from sqlalchemy.engine import make_url
 

@@ -4,6 +4,7 @@ together."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -11,12 +12,23 @@ import sys
 
 from outbox.db import ConfigError
 from worker.devtools.embedded import database_flag
-from worker.engine import Settings, StartupError, Worker, build_parser, from_args, logs
+from worker.engine import DatabaseRefused, Settings, StartupError, Worker, build_parser, from_args, logs
+
+EXIT_STATUSES = """exit status:
+  0  stopped by SIGTERM/SIGINT, or --drain finished
+  1  the database stayed unreachable for --startup-timeout, or an unexpected error (restarting may help)
+  2  bad configuration: the message says what to change
+  3  the database is read-only (a standby, or default_transaction_read_only on for the role)
+  4  the database role lacks a grant the worker needs (README: Database roles)
+  5  the outbox schema is missing or out of date: run `fp-outbox migrate`
+3, 4 and 5 are not restarted by the systemd units (RestartPreventExitStatus): fix the cause, then restart."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the worker; exit 2 on bad configuration, 1 if the database never answered, 0 otherwise."""
-    args = build_parser().parse_args(argv)
+    """Run the worker; the exit status says how it ended (EXIT_STATUSES, also in --help and the README)."""
+    parser = build_parser()
+    parser.epilog, parser.formatter_class = EXIT_STATUSES, argparse.RawDescriptionHelpFormatter
+    args = parser.parse_args(argv)
     try:
         with database_flag(args) as url:
             args.database_url = url
@@ -33,11 +45,19 @@ def _run(settings: Settings) -> int:
     try:
         return worker.run()
     except ConfigError as exc:
-        logs.event(logs.log, logging.ERROR, str(exc))
-        return 2
+        return _stopped_by(str(exc), 2)
     except StartupError as exc:
-        logs.event(logs.log, logging.ERROR, str(exc))
-        return 1
+        return _stopped_by(str(exc), 1)
+    except DatabaseRefused as exc:
+        return _stopped_by(str(exc), exc.exit_code)
+    except Exception as exc:  # one line, never a traceback: SQLAlchemy's would carry statements and parameters
+        return _stopped_by(f"stopped by an unexpected error ({exc.__class__.__name__}: {logs.first_line(exc)}); "
+                           "it restarts under systemd; please report it", 1)
+
+
+def _stopped_by(message: str, status: int) -> int:
+    logs.event(logs.log, logging.ERROR, message, exit_status=status)
+    return status
 
 
 def _install_signal_handlers(worker) -> None:

@@ -22,7 +22,7 @@ DEVTOOLS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one `fp-outbox` command; its exit status (2: a wrong flag or a missing schema)."""
+    """Run one `fp-outbox` command; its exit status (2: a wrong flag; 3, 4, 5: as the worker's, the database refused)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser(argv)
     args = parser.parse_args(argv)

@@ -7,11 +7,11 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
-import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from outbox.db import database_url, make_engine
+from worker.engine import DatabaseRefused, DatabaseUnavailable, translate
 
 
 class CommandError(Exception):
@@ -37,12 +37,13 @@ def connected(args: argparse.Namespace) -> Iterator[Engine]:
 
 
 def _translate(exc: DBAPIError) -> CommandError:
-    if isinstance(exc.orig, psycopg.errors.UndefinedTable):
-        return CommandError("the outbox table does not exist in this database: run `fp-outbox migrate` first", 2)
+    translated = translate(exc)
+    if isinstance(translated, DatabaseRefused):
+        return CommandError(str(translated), translated.exit_code)
+    if isinstance(translated, DatabaseUnavailable):
+        return CommandError(f"could not use the database ({translated}); check --database-url (or "
+                            "FP_OUTBOX_DATABASE_URL) and that PostgreSQL is running, then try again")
     lines = str(exc.orig).strip().splitlines()
     reason = lines[0] if lines else exc.orig.__class__.__name__
-    if isinstance(exc.orig, psycopg.OperationalError):
-        return CommandError(f"could not use the database ({reason}); check --database-url (or "
-                            "FP_OUTBOX_DATABASE_URL) and that PostgreSQL is running, then try again")
     return CommandError(f"the database refused the statement ({reason}); is the schema current? "
                         "run `fp-outbox migrate`")

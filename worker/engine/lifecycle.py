@@ -9,13 +9,13 @@ from datetime import timedelta
 
 from sqlalchemy import Engine, inspect
 
-from outbox.db import ConfigError
 from outbox.schema import events
 from worker.engine.claimer import Claimer
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, first_line, log
 from worker.engine.services import StopSignal
 from worker.engine.settler import Settler
+from worker.engine.store import EXIT_NO_SCHEMA, NO_TABLE, DatabaseRefused
 
 
 class StartupError(Exception):
@@ -23,7 +23,7 @@ class StartupError(Exception):
 
 
 def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: StopSignal) -> None:
-    """Retry until the database answers and has the outbox table, or raise StartupError (ConfigError: no table)."""
+    """Retry until the database answers and has the outbox table; raise StartupError, or DatabaseRefused."""
     deadline = time.monotonic() + startup_timeout.total_seconds()
     delay = 0.5
     while True:
@@ -42,7 +42,7 @@ def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: Stop
             stopping.pause(delay)
             delay = min(delay * 2, 5.0)
     if not has_table:
-        raise ConfigError("the outbox table does not exist in this database: run `fp-outbox migrate` first")
+        raise DatabaseRefused(NO_TABLE, EXIT_NO_SCHEMA)
 
 
 def finish_or_release(in_flight: InFlight, settler: Settler, claimer: Claimer, grace: timedelta,

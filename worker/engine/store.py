@@ -21,6 +21,44 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached or dropped the connection; try again later."""
 
 
+class DatabaseRefused(Exception):
+    """The database answers but refuses the worker, and retrying will not change that: it is read-only, a
+    grant is missing, or the schema is; `exit_code` is the documented status for it (3, 4 or 5)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# The exit statuses of the refusals, documented in the README and --help; the systemd units do not
+# restart on them (RestartPreventExitStatus): restarting cannot fix them.
+EXIT_READ_ONLY, EXIT_NO_GRANT, EXIT_NO_SCHEMA = 3, 4, 5
+NO_TABLE = ("the outbox table fp_outbox_events does not exist in this database; run `fp-outbox migrate` "
+            "(as the table's owner) first")
+
+# SQLSTATE -> (exit code, the sentence's template); {reason} is the server's own first line, which
+# names an object (a table, a function), never a value.
+_REFUSALS = {
+    "25006": (EXIT_READ_ONLY, "the database is read-only ({reason}): a standby, or default_transaction_read_only "
+                              "is on for this role; point the database URL at the primary, or turn read-only off"),
+    "42501": (EXIT_NO_GRANT, "the database role lacks a grant the worker needs ({reason}); grant what the "
+                             "README's 'Database roles' section lists"),
+    **dict.fromkeys(("42P01", "42883", "42703", "3F000"), (
+        EXIT_NO_SCHEMA, "the outbox schema is missing or out of date ({reason}); run `fp-outbox migrate`")),
+}
+
+
+def translate(exc: DBAPIError) -> Exception:
+    """The project's exception for a driver error (DatabaseUnavailable, DatabaseRefused), or `exc` itself.
+    Messages carry the server's first line only: never the statement or its parameters."""
+    if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+        return DatabaseUnavailable(_describe(exc))
+    refusal = _REFUSALS.get(getattr(exc.orig, "sqlstate", None) or "")
+    if refusal:
+        return DatabaseRefused(refusal[1].format(reason=_describe(exc)), refusal[0])
+    return exc
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """One claimed row: its id, the attempt this claim counted, the payload text as stored and the insert_id
@@ -39,16 +77,15 @@ class Claimed:
 
 @contextlib.contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
-    """A short transaction; connection-level failures become DatabaseUnavailable."""
+    """A short transaction; driver errors become DatabaseUnavailable or DatabaseRefused (translate)."""
     try:
         with engine.begin() as conn:
             yield conn
-    except (OperationalError, InterfaceError) as exc:
-        raise DatabaseUnavailable(_describe(exc)) from exc
     except DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise DatabaseUnavailable(_describe(exc)) from exc
-        raise
+        translated = translate(exc)
+        if translated is exc:
+            raise
+        raise translated from exc
 
 
 class Store:
