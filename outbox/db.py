@@ -53,8 +53,17 @@ def normalise_url(raw: str) -> URL:
 # Every connection of the worker and of the admin command. No server-side prepared statements
 # (psycopg prepares a statement after 5 runs by default, and under PgBouncer's transaction pooling
 # the next run lands on a server connection that never saw it) and no session state at all: no
-# session-level SET, and no `options` startup parameter, which PgBouncer refuses.
-CONNECT_ARGS = {"connect_timeout": 10, "application_name": "fp-outbox", "prepare_threshold": None}
+# session-level SET, and no `options` startup parameter, which PgBouncer refuses. libpq's TCP
+# settings (ignored on Unix sockets, fine through PgBouncer): keepalives find a dead peer behind an
+# idle connection within 15 + 3 x 5 = 30 s, and tcp_user_timeout drops one whose sent data stays
+# unacknowledged for 30 s, instead of the kernel's ~15 minutes of retransmissions. A call that hangs
+# on a link that acknowledges and then drops everything is the worker's own deadline's to catch
+# (worker.engine.timeouts).
+CONNECT_ARGS = {
+    "connect_timeout": 10, "application_name": "fp-outbox", "prepare_threshold": None,
+    "keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 
 def make_engine(url: URL, **kwargs) -> Engine:

@@ -103,3 +103,25 @@ def test_any_other_database_error_is_one_line_without_parameters(clean, db_url, 
             conn.execute(text("DROP TRIGGER fpo_refuse ON fp_outbox_events"))
             conn.execute(text("DROP FUNCTION fpo_refuse()"))
     assert status_of(clean) == {"pending": 3}
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_an_exception_a_library_logs_is_one_line_without_its_statement(log_format, capsys, monkeypatch):
+    """SQLAlchemy's pool logs a failed reset with its traceback; the worker's log keeps one line of it."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    from worker.engine import logs
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # configure() replaces them: put them back
+    monkeypatch.setattr(root, "level", root.level)
+    logs.configure(log_format)
+    try:
+        raise OperationalError("UPDATE fp_outbox_events SET x = %(token)s", {"token": TOKEN}, Exception("gone"))
+    except OperationalError:
+        logging.getLogger("sqlalchemy.pool.impl.QueuePool").exception("Exception during reset or similar")
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "OperationalError" in err and "gone" in err
+    assert TOKEN not in err and "Traceback" not in err and "UPDATE" not in err

@@ -58,6 +58,8 @@ def finish_or_release(in_flight: InFlight, settler: Settler, claimer: Claimer, g
     settler.collect(timeout=0)
     settler.settle(force=True)
     leftover = [row.id for row in in_flight.rows()]
-    if leftover:
+    # If settling just failed, the database is away and a release would only spend another call's deadline
+    # of the 30 s a stop may take: the leases bring those rows back.
+    if leftover and not settler.unsettled:
         claimer.release(leftover)
     return len(leftover)

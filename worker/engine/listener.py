@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.engine.logs import event, first_line, log
 from worker.engine.services import KEEPALIVE_EVERY, StopSignal
-from worker.engine.wakeprobe import PROBE_CHANNEL, open_listening, send_probe
+from worker.engine.wakeprobe import PROBE_CHANNEL, Guard, nullguard, open_listening, send_probe
 
 REPROBE_EVERY = 60.0  # seconds between probes of a working LISTEN, and between tries while polling
 RETRY_CONNECT_AFTER = 5.0  # seconds before listening again after the connection failed
@@ -28,8 +28,9 @@ _ERRORS = (psycopg.Error, SQLAlchemyError, OSError)
 class Listener:
     """LISTEN on the outbox channel so an idle worker wakes at commit; polling is the fallback."""
 
-    def __init__(self, engine: Engine, stopping: StopSignal) -> None:
+    def __init__(self, engine: Engine, stopping: StopSignal, guard: Guard = nullguard) -> None:
         self._engine = engine
+        self._guard = guard
         self._stopping = stopping
         self._conn: psycopg.Connection | None = None
         self._mode: str | None = None  # "LISTEN" or "polling", as last logged
@@ -107,7 +108,7 @@ class Listener:
 
     def _connect(self) -> None:
         try:
-            self._conn = open_listening(self._engine)
+            self._conn = open_listening(self._engine, self._guard)
         except _ERRORS as exc:
             return self._lost(exc)
         if self._conn is not None:

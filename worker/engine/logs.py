@@ -26,7 +26,7 @@ class KeyValueFormatter(logging.Formatter):
         ]
         parts += [f"{key}={_quote(value)}" for key, value in getattr(record, "fields", {}).items()]
         if record.exc_info:
-            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
+            parts.append(f"exc={_quote(_exception(record))}")
         return " ".join(parts)
 
 
@@ -35,8 +35,15 @@ class JsonFormatter(logging.Formatter):
         data = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
                 "msg": record.getMessage(), **getattr(record, "fields", {})}
         if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
+            data["exc"] = _exception(record)
         return json.dumps(data, default=str)
+
+
+def _exception(record: logging.LogRecord) -> str:
+    """An exception a library logs, as its class and first line: a traceback of a database error would
+    carry statements (and, unless hidden, their parameters) into the journal."""
+    exc = record.exc_info[1]
+    return f"{exc.__class__.__name__}: {first_line(exc)}" if exc else ""
 
 
 def first_line(exc: BaseException) -> str:

@@ -23,6 +23,7 @@ from worker.engine.services import DatabaseHealth, SideServices, StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import SETTLE_DELAY, Settler
 from worker.engine.store import DatabaseUnavailable, Store
+from worker.engine.timeouts import CallDeadlines
 
 
 class Worker:
@@ -38,6 +39,8 @@ class Worker:
         self.engine = engine or make_engine(
             settings.database_url, pool_size=2, max_overflow=settings.concurrency + 2, pool_pre_ping=False
         )
+        self.deadlines = CallDeadlines()
+        self.deadlines.attach(self.engine)  # the server's timeouts per transaction, and our own per call
         self.store = Store(self.engine, settings.owner, settings.lease.total_seconds())
         self.notifier = Notifier()
         self.metrics = Metrics()
@@ -50,7 +53,7 @@ class Worker:
         self.claimer = Claimer(settings, self.store, self.permits, self.in_flight, self.settler, self.health,
                                self._stopping)
         self.services = SideServices(settings, self.engine, self.metrics, self._stopping)
-        self._listener = Listener(self.engine, self._stopping)
+        self._listener = Listener(self.engine, self._stopping, self.deadlines.guard)
         self._stopping.also_while_waiting(self._listener.drain)
         self.totals = self.settler.totals
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import psycopg
 from sqlalchemy import Engine, text
@@ -16,7 +18,15 @@ PROBE_CHANNEL = NOTIFY_CHANNEL + "_probe"  # its own channel: a probe wakes no o
 PROBE_TIMEOUT = 1.0  # seconds a self-addressed notification may take to come back
 
 
-def open_listening(engine: Engine) -> psycopg.Connection | None:
+#: Runs statements on a connection under the worker's call deadline (worker.engine.timeouts).
+Guard = Callable[[psycopg.Connection], AbstractContextManager]
+
+
+def nullguard(_conn: psycopg.Connection) -> AbstractContextManager:
+    return nullcontext()
+
+
+def open_listening(engine: Engine, guard: Guard = nullguard) -> psycopg.Connection | None:
     """A connection of its own, outside the pool, LISTENing on the outbox channel, if the probe proves that
     notifications reach it; None if they do not. Raises the driver's errors."""
     raw = engine.raw_connection()
@@ -24,13 +34,16 @@ def open_listening(engine: Engine) -> psycopg.Connection | None:
     raw.detach()
     try:
         conn.autocommit = True
-        conn.execute(f"LISTEN {PROBE_CHANNEL}")
+        with guard(conn):
+            conn.execute(f"LISTEN {PROBE_CHANNEL}")
         if _answered(conn, *send_probe(engine)):
-            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            with guard(conn):
+                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             return conn
         # Through transaction pooling the LISTEN stays behind on a pooled server connection: take it
         # back (the pool most likely hands us that one again, it reuses the last one first).
-        conn.execute("UNLISTEN *")
+        with guard(conn):
+            conn.execute("UNLISTEN *")
     except BaseException:
         conn.close()
         raise

@@ -1,0 +1,141 @@
+"""The worker's database connections on a network that fails silently: TCP keepalives and tcp_user_timeout
+on every socket, the server's timeouts set per transaction, and the worker's own deadline, which is what
+catches a link that swallows packets without closing (a proxy of the test's that stops forwarding)."""
+
+from __future__ import annotations
+
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
+
+import outbox
+from tests.conftest import status_of, wait_until
+from worker.engine.timeouts import CALL_DEADLINE, STATEMENT_TIMEOUT
+
+FAST = ["--connect-timeout", "0.5", "--read-timeout", "1", "--inline-attempts", "2", "--retry-base", "0.2",
+        "--retry-cap", "1", "--poll-interval", "0.2", "--max-attempts", "100"]
+
+
+class SwallowingProxy:
+    """Forwards TCP connections to PostgreSQL until swallow(): then the connections open at that moment stay
+    open and nothing more crosses them, either way (the kernel still acknowledges what it buffers, as a
+    middlebox would), while new connections work."""
+
+    def __init__(self, target: tuple) -> None:
+        self._target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def swallow(self) -> None:
+        for *_, swallowed in self._pairs:
+            swallowed.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for client, server, _ in self._pairs:
+            client.close()
+            server.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            family = socket.AF_UNIX if isinstance(self._target, str) else socket.AF_INET
+            server = socket.socket(family, socket.SOCK_STREAM)
+            server.connect(self._target)
+            pair = (client, server, threading.Event())
+            self._pairs.append(pair)
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst, pair[2]), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, swallowed: threading.Event) -> None:
+        try:
+            while not swallowed.is_set() and not self._closed.is_set():
+                if select.select([src], [], [], 0.1)[0]:
+                    data = src.recv(65536)
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+        except OSError:
+            return
+
+
+@pytest.fixture
+def proxy(server_url: URL) -> Iterator[SwallowingProxy]:
+    host = server_url.host or server_url.query.get("host")
+    port = server_url.port or 5432
+    target = (host, port) if not str(host).startswith("/") else f"{host}/.s.PGSQL.{port}"
+    swallowing = SwallowingProxy(target)
+    yield swallowing
+    swallowing.close()
+
+
+def test_a_link_that_swallows_packets_is_cut_at_the_deadline_and_nothing_is_lost(clean, db_url, proxy, sink,
+                                                                                 workers):
+    with Session(clean) as session:
+        committed = outbox.enqueue_many(session, [{"event": "E", "properties": {"distinct_id": str(i)}}
+                                                  for i in range(400)])
+        session.commit()
+    sink.set_faults(latency=0.02)
+    worker = workers(db_url.set(host="127.0.0.1", port=proxy.port, query={}), sink.url, "--concurrency", "4",
+                     *FAST)
+    assert wait_until(lambda: len(sink.accepted()) >= 40, 30), worker.output()
+    swallowed_at = time.monotonic()
+    proxy.swallow()  # every connection the worker holds now goes silent
+    assert wait_until(lambda: "outlived its deadline" in worker.output(), CALL_DEADLINE + 10), worker.output()
+    detected_after = time.monotonic() - swallowed_at
+    assert wait_until(lambda: {r.insert_id for r in sink.accepted()} >= set(committed), 90), worker.output()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.output()
+    assert status_of(clean) == {"delivered": 400}
+    # The deadline, plus the watch's period and a loaded machine's scheduling.
+    assert detected_after < CALL_DEADLINE + 3, detected_after
+    print("DETECTED", detected_after)
+    assert "Traceback" not in worker.output(), worker.output()
+
+
+def test_every_worker_connection_has_keepalives_and_the_servers_timeouts(db_url):
+    from worker.engine import Worker, build_parser, from_args
+
+    settings = from_args(build_parser().parse_args(["--database-url", db_url.render_as_string(hide_password=False)]),
+                         environ={})
+    worker = Worker(settings)
+    try:
+        with worker.engine.begin() as conn:
+            shown = conn.execute(text("SELECT current_setting('statement_timeout'), "
+                                      "current_setting('idle_in_transaction_session_timeout')")).one()
+            dbapi = conn.connection.dbapi_connection
+            parameters = dbapi.info.get_parameters()
+            sock = socket.socket(fileno=dbapi.pgconn.socket)
+            try:  # on TCP, on the socket itself (a Unix socket, the embedded server's, has no TCP options)
+                tcp = sock.family != socket.AF_UNIX
+                keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) if tcp else 1
+                user_timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) if tcp else 1
+            finally:
+                sock.detach()  # the driver's socket: look, don't close
+        raw = worker.engine.raw_connection()  # the same pooled connection, past SQLAlchemy's begin
+        try:
+            outside = raw.driver_connection.execute("SELECT current_setting('statement_timeout')").fetchone()[0]
+        finally:
+            raw.close()
+    finally:
+        worker.engine.dispose()
+    assert tuple(shown) == (f"{int(STATEMENT_TIMEOUT)}s", f"{int(STATEMENT_TIMEOUT)}s")
+    assert parameters["keepalives"] == "1" and int(parameters["tcp_user_timeout"]) > 0
+    assert keepalive == 1 and user_timeout > 0
+    assert outside == "0"  # set per transaction: nothing stays behind on the session (or a pooled server)

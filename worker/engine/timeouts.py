@@ -1,0 +1,102 @@
+"""How long the worker's database calls may take: the server's limits, set at the start of every transaction,
+and the worker's own deadline, which holds even when the network swallows packets without a word.
+
+The server's: `statement_timeout` and `idle_in_transaction_session_timeout` (a transaction whose client
+vanished must not keep its row locks), set per transaction with set_config(..., true) (never a session setting or the `options` startup parameter, which PgBouncer's transaction pooling
+does not allow). One round trip per transaction, about 0.1 ms here; the claim and settle transactions
+serve a batch of events each, so it is paid per batch, never per event.
+
+The worker's own: a watch thread that shuts down the socket of any pooled connection held longer than
+CALL_DEADLINE. TCP keepalives and tcp_user_timeout (outbox.db) catch a dead peer on an idle connection or
+unacknowledged sends, but not a middlebox that acknowledges and then drops everything: only a deadline of
+our own does.
+
+The numbers come from the worker's other deadlines: a loop turn that waits on one call of at most
+CALL_DEADLINE (7 s), then backs off feeding the watchdog, stays well inside WatchdogSec=30; and a
+shutdown of at most 20 s of grace plus one failed call ends within the promised 30 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+from sqlalchemy import Connection, Engine, event
+
+from worker.engine.logs import event as log_event
+from worker.engine.logs import log
+
+STATEMENT_TIMEOUT = 5.0  # seconds: any of the worker's statements takes milliseconds
+CALL_DEADLINE = STATEMENT_TIMEOUT + 2.0  # seconds a connection may be held: the server's limit comes first
+WATCH_EVERY = 0.25  # seconds between the watch's looks at the connections in use
+_SET_LIMITS = (f"SELECT set_config('statement_timeout', '{int(STATEMENT_TIMEOUT * 1000)}', true), "
+               f"set_config('idle_in_transaction_session_timeout', '{int(STATEMENT_TIMEOUT * 1000)}', true)")
+
+
+class CallDeadlines:
+    """Arms a deadline on every connection the engine's pool hands out, and cuts the ones that overrun."""
+
+    def __init__(self, deadline: float = CALL_DEADLINE) -> None:
+        self._deadline = deadline
+        self._armed: dict[int, tuple[float, object]] = {}  # id(pool entry or connection) -> (deadline, dbapi conn)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Limit every transaction of `engine` on the server, and every checkout from its pool here."""
+        event.listen(engine, "begin", _set_server_limits)
+        event.listen(engine.pool, "checkout", lambda dbapi, entry, _proxy: self._arm(id(entry), dbapi))
+        for name in ("checkin", "detach", "invalidate"):  # back in the pool, taken out of it, or dropped
+            event.listen(engine.pool, name, lambda _dbapi, entry, *_: self._disarm(id(entry)))
+
+    @contextlib.contextmanager
+    def guard(self, dbapi_connection) -> Iterator[None]:
+        """The same deadline around statements on a connection of its own (the listener's)."""
+        self._arm(id(dbapi_connection), dbapi_connection)
+        try:
+            yield
+        finally:
+            self._disarm(id(dbapi_connection))
+
+    def _arm(self, key: int, dbapi_connection) -> None:
+        with self._lock:
+            self._armed[key] = (time.monotonic() + self._deadline, dbapi_connection)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="fp-outbox-db-deadline", daemon=True)
+                self._thread.start()
+
+    def _disarm(self, key: int) -> None:
+        with self._lock:
+            self._armed.pop(key, None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(WATCH_EVERY)
+            now = time.monotonic()
+            with self._lock:  # held while cutting, so a connection returned meanwhile is never cut
+                for key, (deadline, dbapi_connection) in list(self._armed.items()):
+                    if now > deadline:
+                        del self._armed[key]
+                        _cut(dbapi_connection, self._deadline)
+
+
+def _set_server_limits(conn: Connection) -> None:
+    # SQLAlchemy runs this inside begin() without beginning again; the driver sends BEGIN before it. Its
+    # errors are SQLAlchemy's like any statement's (a cut connection is invalidated, then translated).
+    conn.exec_driver_sql(_SET_LIMITS)
+
+
+def _cut(dbapi_connection, deadline: float) -> None:
+    """Shut the socket down under the driver: the call blocked on it fails at once, as on a dropped link."""
+    try:
+        with socket.socket(fileno=os.dup(dbapi_connection.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, ValueError, AttributeError):
+        return  # already closed: nothing is blocked on it
+    log_event(log, logging.WARNING, "a database call outlived its deadline; its connection was cut",
+              deadline_s=deadline)
