@@ -23,6 +23,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import URL
 
+from tests.conftest import free_port
+
 REQUIRED = os.environ.get("FP_OUTBOX_REQUIRE_PGBOUNCER") == "1"
 
 
@@ -37,12 +39,6 @@ def unavailable(reason: str) -> None:
     if REQUIRED:
         pytest.fail(f"{reason}, and FP_OUTBOX_REQUIRE_PGBOUNCER=1 says it must run here", pytrace=False)
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _server_address(server_url: URL) -> tuple[str, int]:

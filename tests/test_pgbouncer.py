@@ -104,3 +104,20 @@ def test_the_global_rate_limit_through_pgbouncer(clean, bounced_url, app_engine,
     assert {r.insert_id for r in sink.accepted()} == set(committed)
     assert _busiest_second(arrivals) <= limit
     assert max(arrivals) - min(arrivals) >= len(arrivals) / limit - 1  # it really was throttled
+
+
+def test_migrate_works_through_pgbouncer(server_url, bounced_url, capsys):
+    """The whole upgrade is one transaction on one connection: transaction pooling serves it like a direct
+    connection, from an empty database and again at head."""
+    from tests.conftest import create_database, drop_database
+    from worker.admin import main as admin_main
+
+    fresh = create_database(server_url)
+    try:
+        url = url_string(bounced_url.set(database=fresh.database))
+        assert admin_main(["migrate", "--database-url", url]) == 0, capsys.readouterr().err
+        assert admin_main(["migrate", "--database-url", url]) == 0, capsys.readouterr().err
+        assert admin_main(["status", "--json", "--database-url", url]) == 0, capsys.readouterr().err
+        assert '"pending": 0' in capsys.readouterr().out
+    finally:
+        drop_database(server_url, fresh)

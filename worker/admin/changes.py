@@ -13,7 +13,7 @@ from worker.admin import output, queries
 from worker.admin.arguments import (add_confirmation, add_database_flags, add_dead_filters, batch_size_arg,
                                     dead_params, duration_arg)
 from worker.admin.confirm import confirm
-from worker.admin.database import CommandError, connected
+from worker.admin.database import CommandError, connected, translated_errors
 from worker.engine import format_duration, purge_dead, purge_delivered
 
 
@@ -55,7 +55,8 @@ def add_purge(commands) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     url = database_url(args.database_url)
-    upgrade(url, args.revision)
+    with translated_errors():  # e.g. a role that does not own the tables: exit 4, naming the grant
+        upgrade(url, args.revision)
     print(f"fp-outbox: schema at {args.revision} on {url.render_as_string(hide_password=True)}")
     return 0
 

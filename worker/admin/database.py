@@ -29,11 +29,19 @@ def connected(args: argparse.Namespace) -> Iterator[Engine]:
     With --embedded, fp-outbox's main has already put the embedded server's URL into args.database_url."""
     engine = make_engine(database_url(args.database_url))
     try:
-        yield engine
-    except DBAPIError as exc:
-        raise _translate(exc) from None
+        with translated_errors():
+            yield engine
     finally:
         engine.dispose()
+
+
+@contextlib.contextmanager
+def translated_errors() -> Iterator[None]:
+    """Driver errors inside become CommandError: one sentence, no statement, no parameters."""
+    try:
+        yield
+    except DBAPIError as exc:
+        raise _translate(exc) from None
 
 
 def _translate(exc: DBAPIError) -> CommandError:
