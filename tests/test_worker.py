@@ -133,13 +133,18 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(clean, db_url, sink, wor
     worker = workers(db_url, sink.url, "--concurrency", "4", "--connect-timeout", "0.5", "--read-timeout", "2",
                      "--poll-interval", "0.2")
     assert wait_until(lambda: len(sink.received()) >= 4, 20), worker.output()
+    in_flight = status_of(clean).get("in_flight", 0)
+    assert in_flight > 0  # the signal lands with requests in flight
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
-    assert worker.wait(30) == 0, worker.output()
-    assert time.monotonic() - started < 30
+    assert worker.wait(60) == 0, worker.output()
+    stopped_after = time.monotonic() - started
+    # Answers take 0.5 s, inside the grace (connect + read timeout + 1 s = 3.5 s): the worker waits for them,
+    # settles and exits. The bound is that grace plus a loaded machine's margin, far inside the promised 30 s.
+    assert stopped_after < 3.5 + 5, stopped_after
     counts = status_of(clean)
     assert counts.get("in_flight", 0) == 0  # finished and settled, or released at once
-    assert counts["delivered"] == len(sink.accepted())
+    assert counts["delivered"] == len(sink.accepted()) >= in_flight  # what was in flight was finished
     assert counts["delivered"] + counts.get("pending", 0) == 30
 
 
