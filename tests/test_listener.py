@@ -86,3 +86,74 @@ def _transactions(engine, database: str) -> int:
         conn.execute(text("SELECT pg_stat_clear_snapshot()"))
         return conn.execute(text("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :db"),
                             {"db": database}).scalar_one()
+
+
+def _listener(engine):
+    from worker.engine.listener import Listener
+    from worker.engine.notify import Notifier
+    from worker.engine.services import StopSignal
+
+    return Listener(engine, StopSignal(Notifier({})))
+
+
+def _listening_backends(engine) -> list[int]:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                 "AND query = 'LISTEN fp_outbox'")).scalars().all()
+
+
+def _woken_within(listener, engine, seconds: float) -> bool:
+    time.sleep(0.1)  # past the quick re-polls a previous wake-up scheduled
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_notify('fp_outbox', '')"))
+    started = time.monotonic()
+    listener.wait(2 * seconds)
+    return time.monotonic() - started < seconds
+
+
+def test_a_lost_listening_connection_is_opened_and_proved_again(engine, monkeypatch):
+    from worker.engine import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "RETRY_CONNECT_AFTER", 0.2)
+    listener = _listener(engine)
+    try:
+        listener.wait(0.001)
+        [before] = _listening_backends(engine)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": before})
+        assert wait_until(lambda: _listening_backends(engine) == [], 5)
+        listener.wait(0.3)  # the read fails: polling meanwhile, no exception
+        time.sleep(0.3)
+        listener.wait(0.01)  # reconnects and probes again
+        assert [pid for pid in _listening_backends(engine) if pid != before]
+        assert _woken_within(listener, engine, 1.0)
+    finally:
+        listener.close()
+
+
+def test_a_listening_connection_gone_silent_is_found_by_the_next_probe(db_url, server_url, monkeypatch):
+    """A link that swallows everything: reads just time out, so only the periodic probe can tell."""
+    from sqlalchemy.pool import NullPool
+
+    from outbox.db import make_engine
+    from tests.test_timeouts import proxy_to
+    from worker.engine import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "REPROBE_EVERY", 0.5)
+    monkeypatch.setattr(listener_module, "RETRY_CONNECT_AFTER", 0.2)
+    proxy = proxy_to(server_url)
+    proxied = make_engine(db_url.set(host="127.0.0.1", port=proxy.port, query={}), poolclass=NullPool)
+    listener = _listener(proxied)
+    try:
+        listener.wait(0.001)
+        assert _woken_within(listener, proxied, 1.0)
+        proxy.swallow()  # the listening connection goes silent; new connections still work
+        assert not _woken_within(listener, proxied, 1.0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _woken_within(listener, proxied, 1.0):
+            listener.wait(0.2)  # the probe goes unanswered, the connection is dropped and opened anew
+        assert _woken_within(listener, proxied, 1.0)
+    finally:
+        listener.close()
+        proxied.dispose()
+        proxy.close()

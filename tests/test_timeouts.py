@@ -75,12 +75,16 @@ class SwallowingProxy:
             return
 
 
-@pytest.fixture
-def proxy(server_url: URL) -> Iterator[SwallowingProxy]:
+def proxy_to(server_url: URL) -> SwallowingProxy:
+    """A SwallowingProxy in front of the test server (TCP, or the embedded server's Unix socket)."""
     host = server_url.host or server_url.query.get("host")
     port = server_url.port or 5432
-    target = (host, port) if not str(host).startswith("/") else f"{host}/.s.PGSQL.{port}"
-    swallowing = SwallowingProxy(target)
+    return SwallowingProxy((host, port) if not str(host).startswith("/") else f"{host}/.s.PGSQL.{port}")
+
+
+@pytest.fixture
+def proxy(server_url: URL) -> Iterator[SwallowingProxy]:
+    swallowing = proxy_to(server_url)
     yield swallowing
     swallowing.close()
 
