@@ -21,14 +21,13 @@ from sqlalchemy.orm import Session
 
 import outbox
 from bench import drain, rate
+from bench.common import empty_outbox
+from bench.common import event as _event
+from bench.common import fresh_backlog as _fresh_backlog
 from outbox.db import make_engine, normalise_url, upgrade
 from worker.devtools.sink import Sink
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _event(i: int) -> dict:
-    return {"event": "Purchase", "properties": {"distinct_id": f"user-{i % 1000}", "price": 500, "sku": f"sku-{i}"}}
 
 
 def bench_enqueue(engine, args) -> dict:
@@ -128,8 +127,7 @@ def bench_faults(engine, url: str, args) -> dict:
 
 def bench_latency(engine, url: str, args) -> dict:
     """Commit-to-arrival on an idle system: events committed one at a time, a worker woken by NOTIFY."""
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+    empty_outbox(engine)
     with Sink(burst_limit=None) as sink:
         worker = subprocess.Popen([sys.executable, "-m", "worker", "--database-url", url, "--endpoint", sink.url,
                                    "--token", "bench-token"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -192,8 +190,7 @@ def bench_growth(engine, url: str, args) -> dict:
         return rate
 
     def reset() -> None:
-        with engine.begin() as conn:
-            conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+        empty_outbox(engine)
 
     reset()
     empty = measure("empty table", 0)
@@ -263,18 +260,6 @@ def _status(engine) -> dict:
     from worker.engine import status_counts
 
     return status_counts(engine)
-
-
-def _fresh_backlog(engine, events: int) -> list[str]:
-    """An outbox holding exactly `events` pending events (enqueued 1,000 per transaction)."""
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
-    ids = []
-    for start in range(0, events, 1000):
-        with Session(engine) as session:
-            ids += outbox.enqueue_many(session, [_event(i) for i in range(start, min(events, start + 1000))])
-            session.commit()
-    return ids
 
 
 @contextlib.contextmanager

@@ -11,12 +11,13 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Sequence,
     SmallInteger,
     Table,
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON
 
 #: Alembic keeps the outbox's history in its own version table, so an application that uses
 #: Alembic itself can run both histories in one database without them touching each other.
@@ -35,7 +36,8 @@ events = Table(
     Column("id", BigInteger, Identity(always=False), primary_key=True),
     Column("insert_id", Text, nullable=False),
     Column("event_name", Text, nullable=False),
-    Column("payload", JSONB, nullable=False),
+    # json, not jsonb: the text is kept verbatim, so what validation measured is what is stored and sent.
+    Column("payload", JSON, nullable=False),
     Column("status", Text, nullable=False, server_default=text("'pending'")),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     # While pending: when the row may be sent. While in flight: equal to lease_until, so one
@@ -63,11 +65,8 @@ events = Table(
     Index("fp_outbox_events_dead_idx", "dead_at", postgresql_where=text("status = 'dead'")),
 )
 
-# One row per database: the global rate limiter's "theoretical arrival time" (GCRA), shared by
-# every worker so that together they stay under the requests-per-second cap.
-rate_limiter = Table(
-    "fp_outbox_rate_limiter",
-    metadata,
-    Column("id", SmallInteger, primary_key=True),
-    Column("next_free_at", DateTime(timezone=True), nullable=False),
-)
+# The global rate limiter's one number (GCRA's "theoretical arrival time", in microseconds since the epoch),
+# shared by every worker so that together they stay under the requests-per-second cap. A sequence, not a
+# row: it is updated in place, so it leaves no row versions behind under a long-running snapshot. Read and
+# written only by the SQL functions fp_outbox_take_permits and fp_outbox_pause_permits (migration 0003).
+rate_limit_sequence = Sequence("fp_outbox_rate_limit_seq", metadata=metadata, minvalue=0, start=0)

@@ -95,7 +95,8 @@ def engine(db_url: URL) -> Iterator[Engine]:
 def clean(engine: Engine) -> Engine:
     """An empty outbox for this test."""
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_rate_limiter"))
+        conn.execute(text("TRUNCATE fp_outbox_events"))
+        conn.execute(text("SELECT setval('fp_outbox_rate_limit_seq', 0)"))  # the shared rate schedule, reset
     return engine
 
 

@@ -1,14 +1,27 @@
-"""The global rate limit, counted where it matters: at the receiver, across several worker processes."""
+"""The global rate limit. What the limiter guarantees is when requests may START: it hands out slices of
+one shared schedule (a sequence in the database, under an advisory lock), and a worker starts a request no
+earlier than its slice. So the tests record every grant as the database made it (the slice's start on the
+database's clock) and check the schedule, and check that each request arrived after its slice began.
+Arrival times alone would also measure how the host schedules threads: on a loaded machine, requests
+started on time can arrive bunched."""
 
 from __future__ import annotations
 
+import threading
 
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import outbox
+from bench.common import busiest_window
 from tests.conftest import status_of, wait_until
+from tests.inprocess import settings, start
+from worker.engine import Worker
+from worker.engine.claimer import CHUNK_FRACTION
+from worker.engine.store import Grant, Store
 
 FAST = ["--connect-timeout", "0.5", "--read-timeout", "2", "--poll-interval", "0.2", "--concurrency", "16"]
+CLOCK_SLOP = 0.002  # the sink's time.time() and the database's clock_timestamp() read the same clock
 
 
 def _enqueue(engine, count: int) -> list[str]:
@@ -18,40 +31,145 @@ def _enqueue(engine, count: int) -> list[str]:
     return ids
 
 
-def _busiest_second(times: list[float]) -> int:
-    """The most requests in any one-second window (sliding, not aligned)."""
-    times = sorted(times)
-    most, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= 1.0:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
+class Recorder:
+    """Wraps a worker's store to keep every grant it received (with the insert_ids it was for) and pause it set."""
+
+    def __init__(self, store: Store) -> None:
+        self.grants: list[tuple[Grant, list[str]]] = []
+        self.pauses: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
+        claim, acquire, pause = store.claim, store.acquire_permits, store.pause_all
+
+        def claim_recorded(limit: int, rate: float):
+            rows, grant = claim(limit, rate)
+            if rows:
+                self._keep(grant, [row.insert_id for row in rows])
+            return rows, grant
+
+        def acquire_recorded(count: int, rate: float) -> Grant:
+            grant = acquire(count, rate)
+            self._keep(grant, [])
+            return grant
+
+        def pause_recorded(seconds: float):
+            window = pause(seconds)
+            with self._lock:
+                self.pauses.append(window)
+            return window
+
+        store.claim, store.acquire_permits, store.pause_all = claim_recorded, acquire_recorded, pause_recorded
+
+    def _keep(self, grant: Grant, insert_ids: list[str]) -> None:
+        with self._lock:
+            self.grants.append((grant, insert_ids))
 
 
-def test_four_workers_together_stay_under_the_limit(clean, db_url, sink, workers):
+def _workers(db_url, sink, count: int, *flags: str) -> list[tuple[Worker, Recorder, threading.Thread]]:
+    running = []
+    for _ in range(count):
+        worker = Worker(settings(db_url, sink.url, *FAST, *flags))
+        recorder = Recorder(worker.store)
+        running.append((worker, recorder, start(worker)))
+    return running
+
+
+def _join(running, timeout: float) -> None:
+    for worker, _, thread in running:
+        thread.join(timeout)
+        assert not thread.is_alive(), "a worker did not drain in time"
+        worker.engine.dispose()
+
+
+def test_four_workers_start_no_more_than_the_limit_in_any_second(clean, db_url, sink):
     limit = 300
     committed = _enqueue(clean, 1800)
-    procs = [workers(db_url, sink.url, "--drain", "--rate-limit", str(limit), *FAST) for _ in range(4)]
-    for proc in procs:
-        assert proc.wait(120) == 0, proc.output()
-    arrivals = [r.arrived_at for r in sink.received()]
+    running = _workers(db_url, sink, 4, "--drain", "--rate-limit", str(limit))
+    _join(running, 120)
     assert {r.insert_id for r in sink.accepted()} == set(committed)
-    assert _busiest_second(arrivals) <= limit
-    span = max(arrivals) - min(arrivals)
-    assert span >= len(arrivals) / limit - 1  # it really was throttled: the backlog took its time
+    grants = [g for _, recorder, _ in running for g in recorder.grants]
+    assert sum(grant.count for grant, _ in grants) == len(sink.received())
+    # The schedule: at most the limit in any one-second window of slice starts, all workers together.
+    assert busiest_window([g.starts_at for g, _ in grants], [g.count for g, _ in grants]) <= limit
+    # And no request began before its slice: each arrived after its slice started.
+    started = {insert_id: grant.starts_at for grant, ids in grants for insert_id in ids}
+    assert all(r.arrived_at >= started[r.insert_id] - CLOCK_SLOP for r in sink.received())
+    arrivals = [r.arrived_at for r in sink.received()]
+    assert max(arrivals) - min(arrivals) >= len(arrivals) / limit - 1  # it really was throttled
 
 
-def test_a_429_pauses_every_worker_for_its_retry_after(clean, db_url, sink, workers):
-    _enqueue(clean, 600)
-    procs = [workers(db_url, sink.url, "--drain", "--rate-limit", "100", *FAST) for _ in range(2)]
+def test_slices_from_concurrent_takers_never_overlap(clean, engine):
+    rate, chunk, takers, takes = 1000.0, 5, 4, 50
+    grants: list[Grant] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        store = Store(engine, "taker", 30.0)
+        for _ in range(takes):
+            grant = store.acquire_permits(chunk, rate)
+            with lock:
+                grants.append(grant)
+
+    threads = [threading.Thread(target=take) for _ in range(takers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    starts = sorted(g.starts_at for g in grants)
+    assert len(starts) == takers * takes
+    assert all(later - earlier >= chunk / rate - 1e-6 for earlier, later in zip(starts, starts[1:]))
+    assert busiest_window(starts, [chunk] * len(starts)) <= rate + chunk
+
+
+def test_the_schedule_leaves_no_row_versions_behind_under_a_held_snapshot(clean, engine):
+    with engine.connect() as report:  # a report's snapshot, which no vacuum may look past
+        report.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        report.execute(text("SELECT count(*) FROM fp_outbox_events")).scalar()
+        store = Store(engine, "taker", 30.0)
+        for _ in range(2000):
+            store.acquire_permits(1, 1e6)
+        with engine.connect() as conn:
+            size = conn.execute(text("SELECT pg_relation_size('fp_outbox_rate_limit_seq')")).scalar()
+            tables = conn.execute(text("SELECT to_regclass('fp_outbox_rate_limiter')")).scalar()
+        report.rollback()
+    assert size == 8192 and tables is None  # one page, updated in place: nothing for a claim to walk
+
+
+def _check_pause(running, sink, seconds: float) -> None:
+    """A pause was set for `seconds` and no worker's slice, granted after it, started before it ended."""
+    pauses = [p for _, recorder, _ in running for p in recorder.pauses]
+    assert pauses, "the 429 paused nobody"
+    set_at, until = pauses[0]
+    assert until - set_at >= seconds - 0.05
+    later = [g for _, recorder, _ in running for g, _ in recorder.grants if g.starts_at - g.wait_s > set_at]
+    assert later and all(g.starts_at >= until - 1e-3 for g in later)
+    assert {len(recorder.grants) > 0 for _, recorder, _ in running} == {True}  # both workers kept going
+
+
+def test_a_429_without_retry_after_pauses_every_worker_for_a_second(clean, db_url, sink):
+    _enqueue(clean, 300)
+    running = _workers(db_url, sink, 2, "--drain", "--rate-limit", "100")
+    assert wait_until(lambda: len(sink.received()) >= 20, 30)
+    sink.answer_next(429)  # no Retry-After: the default pause, one second
+    _join(running, 120)
+    _check_pause(running, sink, 1.0)
+    assert status_of(clean) == {"delivered": 300}
+
+
+def test_a_429_pauses_every_worker_for_its_retry_after(clean, db_url, sink):
+    _enqueue(clean, 300)
+    running = _workers(db_url, sink, 2, "--drain", "--rate-limit", "100")
     assert wait_until(lambda: len(sink.received()) >= 20, 30)
     sink.answer_next(429, retry_after="2")
-    assert wait_until(lambda: any(r.status == 429 for r in sink.received()), 30)
-    [rate_limited] = [r.arrived_at for r in sink.received() if r.status == 429]
-    assert wait_until(lambda: max(r.arrived_at for r in sink.received()) > rate_limited + 2.0, 30)
-    during = [r for r in sink.received() if rate_limited + 0.3 < r.arrived_at < rate_limited + 1.95]
-    assert during == []  # neither worker sent anything while the pause lasted
-    for proc in procs:
-        assert proc.wait(120) == 0, proc.output()
-    assert status_of(clean) == {"delivered": 600}
+    _join(running, 120)
+    _check_pause(running, sink, 2.0)
+    assert status_of(clean) == {"delivered": 300}
+
+
+def test_the_chunk_and_headroom_keep_the_schedule_under_the_limit():
+    """The design margin the first test relies on: slices of `chunk` requests laid end to end at 96 % of the
+    limit; a one-second window holds at most floor(rate / chunk) + 1 slice starts."""
+    from worker.engine.claimer import RATE_HEADROOM
+
+    for limit in (1, 7, 10, 24, 300, 5000, 100_000):
+        chunk = max(1, int(limit * CHUNK_FRACTION))
+        assert chunk * (int(limit * RATE_HEADROOM / chunk) + 1) <= limit, limit

@@ -164,11 +164,11 @@ again by itself; if rows stay here, no worker is running (or requeue them, below
            "SELECT * FROM fp_outbox_overdue ORDER BY next_attempt_at LIMIT 100"),
     Recipe("inspect_event", """\
 Everything about one event, by its $insert_id (what the destination and your logs show), with
-the token taken out of the payload. insert_id has no index: this reads the table; by row id
-(WHERE id = 12345) it is instant.""", """\
+the token taken out of the payload (payload is json, stored verbatim; the cast to jsonb lends it
+jsonb's operators). insert_id has no index: this reads the table; by row id (WHERE id = 12345) it is instant.""", """\
 SELECT id, status, event_name, attempts, created_at, next_attempt_at, lease_owner, lease_until,
        delivered_at, dead_at, last_status, last_error,
-       payload #- '{properties,token}' AS payload_without_token
+       payload::jsonb #- '{properties,token}' AS payload_without_token
   FROM fp_outbox_events
  WHERE insert_id = :insert_id""", {"insert_id": "6f1c2a9e-0b7d-4e0c-9a51-3d2f8c7b1e42"}),
     Recipe("dead_by_reason", """\

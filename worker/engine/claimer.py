@@ -34,7 +34,7 @@ class Permits:
     def take(self, count: int, max_wait: float) -> bool:
         """Reserve `count` requests of the shared budget (in-process re-sends) and wait for them, unless that
         is longer than `max_wait` seconds (what the row's lease can spare): then False at once."""
-        wait = self._store.acquire_permits(count, self.rate)
+        wait = self._store.acquire_permits(count, self.rate).wait_s
         if wait > max_wait:
             return False
         if wait > 0:
@@ -69,14 +69,14 @@ class Claimer:
             return 0
         claimed_at = time.monotonic()  # the lease starts no earlier than this
         try:
-            rows, wait = self._store.claim(min(free, self._permits.chunk), self._permits.rate)
+            rows, grant = self._store.claim(min(free, self._permits.chunk), self._permits.rate)
             self._health.ok()
             if not rows:
                 return 0
         except DatabaseUnavailable as exc:
             self._health.trouble(exc)
             return 0  # anything claimed comes back when its lease expires
-        return self._start(rows, wait, claimed_at + self._settings.lease.total_seconds())
+        return self._start(rows, grant.wait_s, claimed_at + self._settings.lease.total_seconds())
 
     def may_claim_again(self, started: int) -> bool:
         """A full chunk came back and slots are free: more may be due, so claim again without waiting."""

@@ -80,25 +80,24 @@ ANY_UNFINISHED = text(
     "SELECT EXISTS (SELECT 1 FROM fp_outbox_events WHERE status IN ('pending', 'in_flight'))"
 )
 
-# GCRA on one shared row: each grant pushes the shared "next free" instant forward by n/rate,
-# and the caller waits until its slice starts. The database clock is the one clock all hosts share.
+# GCRA: each grant moves the shared schedule (a sequence, updated in place: no row versions) forward by
+# n/rate under an advisory lock held to the end of this transaction (fp_outbox_take_permits, migration 0003);
+# the caller's slice starts at `starts_at` and it waits until then. The database clock is the one clock all
+# hosts share; the wait is measured after the grant, so it is never short.
 ACQUIRE_PERMITS = text(
     """
-    INSERT INTO fp_outbox_rate_limiter AS r (id, next_free_at)
-    VALUES (1, clock_timestamp() + make_interval(secs => :span_s))
-    ON CONFLICT (id) DO UPDATE
-       SET next_free_at = greatest(r.next_free_at, clock_timestamp()) + make_interval(secs => :span_s)
- RETURNING extract(epoch FROM r.next_free_at - clock_timestamp())::float8 - :span_s AS wait_s
+    SELECT extract(epoch FROM g.starts_at)::float8 AS starts_at,
+           extract(epoch FROM g.starts_at - clock_timestamp())::float8 AS wait_s
+      FROM fp_outbox_take_permits(CAST(:span_s AS float8)) AS g(starts_at)
     """
 )
 
-# A 429 slows every worker, not just the one that got it: nobody may start before the pause ends.
+# A 429 slows every worker, not just the one that got it: no slice starts before the pause ends.
+# `set_at` is read after the pause is in place, for the tests that check nobody started during it.
 PAUSE_ALL = text(
     """
-    INSERT INTO fp_outbox_rate_limiter AS r (id, next_free_at)
-    VALUES (1, clock_timestamp() + make_interval(secs => :pause_s))
-    ON CONFLICT (id) DO UPDATE
-       SET next_free_at = greatest(r.next_free_at, clock_timestamp() + make_interval(secs => :pause_s))
+    SELECT extract(epoch FROM p.until)::float8 AS until, extract(epoch FROM clock_timestamp())::float8 AS set_at
+      FROM fp_outbox_pause_permits(CAST(:pause_s AS float8)) AS p(until)
     """
 )
 

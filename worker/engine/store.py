@@ -75,6 +75,21 @@ class Claimed:
         return event_body(self.payload, self.insert_id, token)
 
 
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A slice of the shared rate budget: `count` requests that may start at `starts_at` (epoch seconds on the
+    database's clock), which was `wait_s` seconds after the grant."""
+
+    count: int
+    starts_at: float
+    wait_s: float
+
+    @classmethod
+    def none(cls) -> Grant:
+        """Nothing granted (nothing claimed), nothing to wait for."""
+        return cls(0, 0.0, 0.0)
+
+
 @contextlib.contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
     """A short transaction; driver errors become DatabaseUnavailable or DatabaseRefused (translate)."""
@@ -96,15 +111,15 @@ class Store:
         self.owner = owner
         self.lease_seconds = lease_seconds
 
-    def claim(self, limit: int, rate: float) -> tuple[list[Claimed], float]:
+    def claim(self, limit: int, rate: float) -> tuple[list[Claimed], Grant]:
         """Claim up to `limit` due rows and reserve that many requests of the shared rate budget, in one
-        transaction; returns the rows and the seconds to wait before sending them."""
+        transaction; returns the rows and their grant (when they may be sent)."""
         params = {"owner": self.owner, "lease_s": self.lease_seconds, "limit": limit}
         with transaction(self.engine) as conn:
             rows = conn.execute(queries.CLAIM_BATCH, params).all()
-            wait = float(conn.execute(queries.ACQUIRE_PERMITS, {"span_s": len(rows) / rate}).scalar()) if rows else 0.0
+            grant = _grant(conn, len(rows), rate) if rows else Grant.none()
         claimed = [Claimed(row.id, row.attempts, row.payload, row.insert_id) for row in rows]
-        return claimed, wait
+        return claimed, grant
 
     def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
         return self._update(queries.MARK_DELIVERED, ids=ids, statuses=statuses)
@@ -122,20 +137,27 @@ class Store:
         with transaction(self.engine) as conn:
             return bool(conn.execute(queries.ANY_UNFINISHED).scalar())
 
-    def acquire_permits(self, count: int, rate: float) -> float:
-        """Reserve `count` requests of the shared budget; returns seconds to wait before sending."""
+    def acquire_permits(self, count: int, rate: float) -> Grant:
+        """Reserve `count` requests of the shared budget (re-sends); wait its wait_s before sending."""
         with transaction(self.engine) as conn:
-            return float(conn.execute(queries.ACQUIRE_PERMITS, {"span_s": count / rate}).scalar())
+            return _grant(conn, count, rate)
 
-    def pause_all(self, seconds: float) -> None:
+    def pause_all(self, seconds: float) -> tuple[float, float]:
+        """No worker may start a request for `seconds` (a 429); returns (set_at, until), epoch seconds."""
         with transaction(self.engine) as conn:
-            conn.execute(queries.PAUSE_ALL, {"pause_s": seconds})
+            row = conn.execute(queries.PAUSE_ALL, {"pause_s": seconds}).one()
+        return row.set_at, row.until
 
     def _update(self, statement, **params) -> int:
         if not params["ids"]:
             return 0
         with transaction(self.engine) as conn:
             return conn.execute(statement, {"owner": self.owner, **params}).rowcount
+
+
+def _grant(conn: Connection, count: int, rate: float) -> Grant:
+    row = conn.execute(queries.ACQUIRE_PERMITS, {"span_s": count / rate}).one()
+    return Grant(count, row.starts_at, row.wait_s)
 
 
 def status_counts(engine: Engine) -> dict[str, float | int | None]:
