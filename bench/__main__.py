@@ -24,6 +24,7 @@ from bench import drain, rate
 from bench.common import empty_outbox
 from bench.common import event as _event
 from bench.common import fresh_backlog as _fresh_backlog
+from bench.concurrency import bench_concurrency
 from outbox.db import make_engine, normalise_url, upgrade
 from worker.devtools.sink import Sink
 
@@ -278,8 +279,10 @@ def _database(args):
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("which", choices=["enqueue", "drain", "faults", "latency", "rate", "growth", "cycle"])
-    parser.add_argument("--rounds", type=int, default=1, help="drain: runs of each sender, interleaved (median)")
+    parser.add_argument("which", choices=["enqueue", "drain", "faults", "latency", "rate", "growth", "cycle",
+                                          "concurrency"])
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="drain: runs of each sender; concurrency: of each variant (interleaved, median)")
     parser.add_argument("--profile", help="drain: then profile one worker with py-spy into PROFILE.txt and .svg")
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="growth: rows kept / backlog size")
     parser.add_argument("--samples", type=int, default=200, help="latency: events committed one at a time")
@@ -290,6 +293,10 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=20000, help="drain: backlog size")
     parser.add_argument("--concurrency", type=int, default=32, help="drain: requests in flight")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="faults: receiver answer delay")
+    parser.add_argument("--seconds", type=int, default=15, help="concurrency: seconds per pgbench run")
+    parser.add_argument("--app-processes", type=int, default=8,
+                        help="concurrency: application processes sending wake-ups (each at most 1/WAKE_INTERVAL)")
+    parser.add_argument("--idle-seconds", type=float, default=20.0, help="concurrency: idle worker measured this long")
     args = parser.parse_args()
     with _database(args) as url:
         engine = make_engine(url)
@@ -299,7 +306,8 @@ def main() -> int:
                    "latency": lambda: bench_latency(engine, plain, args),
                    "rate": lambda: rate.bench_rate(engine, plain, args, _fresh_backlog),
                    "growth": lambda: bench_growth(engine, plain, args),
-                   "cycle": lambda: bench_cycle(engine, plain, args)}[args.which]()
+                   "cycle": lambda: bench_cycle(engine, plain, args),
+                   "concurrency": lambda: bench_concurrency(engine, plain, args)}[args.which]()
         engine.dispose()
     width = max(len(k) for k in figures)
     for key, value in figures.items():
