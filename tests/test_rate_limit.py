@@ -38,12 +38,16 @@ class Recorder:
         self.grants: list[tuple[Grant, list[str]]] = []
         self.pauses: list[tuple[float, float]] = []
         self._lock = threading.Lock()
-        claim, acquire, pause = store.claim, store.acquire_permits, store.pause_all
+        fresh, due, acquire, pause = store.claim_fresh, store.claim_due, store.acquire_permits, store.pause_all
 
-        def claim_recorded(limit: int, rate: float):
-            rows, grant = claim(limit, rate)
-            if rows:
-                self._keep(grant, [row.insert_id for row in rows])
+        def fresh_recorded(floor: int, limit: int, rate: float):
+            rows, grant, snapshot = fresh(floor, limit, rate)
+            self._keep(grant, [row.insert_id for row in rows])
+            return rows, grant, snapshot
+
+        def due_recorded(limit: int, rate: float):
+            rows, grant = due(limit, rate)
+            self._keep(grant, [row.insert_id for row in rows])
             return rows, grant
 
         def acquire_recorded(count: int, rate: float) -> Grant:
@@ -57,9 +61,12 @@ class Recorder:
                 self.pauses.append(window)
             return window
 
-        store.claim, store.acquire_permits, store.pause_all = claim_recorded, acquire_recorded, pause_recorded
+        store.claim_fresh, store.claim_due = fresh_recorded, due_recorded
+        store.acquire_permits, store.pause_all = acquire_recorded, pause_recorded
 
     def _keep(self, grant: Grant, insert_ids: list[str]) -> None:
+        if not grant.count:
+            return
         with self._lock:
             self.grants.append((grant, insert_ids))
 

@@ -1,11 +1,13 @@
-"""Claiming due rows and starting their sends: each claim also reserves its share of the shared rate budget
-(the permits), in the same transaction, and the rows it returns go to the pool at once (the 'start' step)."""
+"""Claiming due rows and starting their sends: fresh rows above the worker's floor, everything else by the
+periodic sweep (worker.engine.floor); each claim also reserves its share of the shared rate budget (the
+permits), in the same statement, and the rows it returns go to the pool at once (the 'start' step)."""
 
 from __future__ import annotations
 
 import logging
 import time
 
+from worker.engine.floor import Floor, Sweeps
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
@@ -13,7 +15,7 @@ from worker.engine.policy import Dead
 from worker.engine.services import DatabaseHealth, StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import Settler
-from worker.engine.store import Claimed, DatabaseUnavailable, Store
+from worker.engine.store import Claimed, DatabaseUnavailable, Grant, Store
 
 # The limiter grants permits in chunks of at most 1/200 of the rate, and workers aim at 96% of
 # it: a chunk sent at once overshoots a smooth schedule by at most one chunk, and this headroom
@@ -61,6 +63,8 @@ class Claimer:
         self._health = health
         self._stopping = stopping
         self._claim_at_least = max(1, min(permits.chunk, settings.concurrency // 4))
+        self.floor: Floor | None = None  # read from the database at the first claim
+        self.sweeps = Sweeps()
 
     def claim_and_start(self) -> int:
         """Claim what is due and fits the free slots, and start sending it; returns how many rows were claimed."""
@@ -69,7 +73,7 @@ class Claimer:
             return 0
         claimed_at = time.monotonic()  # the lease starts no earlier than this
         try:
-            rows, grant = self._store.claim(min(free, self._permits.chunk), self._permits.rate)
+            rows, grant = self._claim(min(free, self._permits.chunk))
             self._health.ok()
             if not rows:
                 return 0
@@ -77,6 +81,20 @@ class Claimer:
             self._health.trouble(exc)
             return 0  # anything claimed comes back when its lease expires
         return self._start(rows, grant.wait_s, claimed_at + self._settings.lease.total_seconds())
+
+    def _claim(self, limit: int) -> tuple[list[Claimed], Grant]:
+        """The sweep when it is due and finds something, else the fresh path above the floor (worker.engine.floor)."""
+        if self.floor is None:
+            self.floor = Floor(self._store.first_floor())
+        if self.sweeps.due():
+            started = time.monotonic()
+            rows, grant = self._store.claim_due(limit, self._permits.rate)
+            self.sweeps.swept(time.monotonic() - started)
+            if rows:
+                return rows, grant
+        rows, grant, snapshot = self._store.claim_fresh(self.floor.value, limit, self._permits.rate)
+        self.floor.observe([row.id for row in rows], limit, snapshot)
+        return rows, grant
 
     def may_claim_again(self, started: int) -> bool:
         """A full chunk came back and slots are free: more may be due, so claim again without waiting."""

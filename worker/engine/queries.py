@@ -3,26 +3,73 @@ engine's side services (retention, queue gauges, status counts), named, each wit
 
 from sqlalchemy import text
 
-# One statement claims, leases and counts the attempt. The partial index serves the subquery;
-# SKIP LOCKED lets any number of workers claim side by side; an expired lease is just an
-# in_flight row whose next_attempt_at (= lease_until) has passed, so crashed work needs no rescuer.
-# It returns the stored payload text and the insert_id column: the worker fills in the token in Python
-# (worker.engine.payload), so the token is never a parameter of any statement.
-CLAIM_BATCH = text(
+# Claiming takes one statement, whichever rows it picks (the `due` part below): it locks them (SKIP LOCKED,
+# so any number of workers claim side by side), leases them, counts the attempt, and reserves their slice
+# of the shared rate budget (fp_outbox_take_permits: the advisory lock it takes is held only from here to
+# the commit). It returns the stored payload text and the insert_id column: the worker fills in the token in
+# Python (worker.engine.payload), so the token is never a parameter of any statement. It also returns what
+# the statement's snapshot saw, for the floor of the fresh path: the oldest running transaction id (xmin),
+# the next to be assigned (xmax) and the highest visible id (head). One row comes back even when nothing
+# was claimed (with null row columns), so the snapshot is always read.
+_CLAIM = """
+    WITH due AS ({due}),
+    claimed AS (
+        UPDATE fp_outbox_events AS e
+           SET status = 'in_flight',
+               attempts = e.attempts + 1,
+               lease_owner = :owner,
+               lease_until = now() + make_interval(secs => :lease_s),
+               next_attempt_at = now() + make_interval(secs => :lease_s)
+          FROM due
+         WHERE e.id = due.id
+     RETURNING e.id, e.attempts, e.insert_id, e.payload::text AS payload),
+    granted AS (  -- in the select list, so an empty claim never calls it (nor waits for its lock)
+        SELECT fp_outbox_take_permits(c.n / CAST(:rate AS float8)) AS starts_at
+          FROM (SELECT count(*) AS n FROM claimed) AS c
+         WHERE c.n > 0)
+    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin,
+           pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax,
+           (SELECT max(id) FROM fp_outbox_events) AS head,
+           extract(epoch FROM g.starts_at)::float8 AS starts_at,
+           extract(epoch FROM g.starts_at - clock_timestamp())::float8 AS wait_s,
+           c.id, c.attempts, c.insert_id, c.payload
+      FROM (SELECT 1) AS one
+      LEFT JOIN granted AS g ON true
+      LEFT JOIN claimed AS c ON true
+     ORDER BY c.id
+"""
+
+# The fresh path, nearly every claim: rows above this worker's floor (worker.engine.floor), in id order,
+# from the primary key. Everything below the floor has been claimed, settled or left to the sweep, so the
+# dead versions that claims and settles leave behind sit below it and are never visited: the claim stays
+# flat while some other transaction holds back vacuum. `IS TRUE` keeps the planner from matching the due
+# index's predicate: a bitmap over that index reads every dead entry a held-back vacuum left in it (a test
+# guards the plan). clock_timestamp(), not now(): a row committed after this transaction began but before
+# its snapshot is due too, or the floor could pass it.
+CLAIM_FRESH = text(_CLAIM.format(due="""
+        SELECT id FROM fp_outbox_events
+         WHERE id > :floor AND (status = 'pending') IS TRUE AND next_attempt_at <= clock_timestamp()
+         ORDER BY id
+         LIMIT :limit
+           FOR UPDATE SKIP LOCKED"""))
+
+# The sweep, every second or so (worker.engine.floor.Sweeps): everything due, from the partial index of
+# pending and in-flight rows, oldest due first: retries whose time came, rows whose lease expired (their
+# worker died), released rows, rows of a claim that rolled back, and the rare late commit the floor passed.
+CLAIM_SWEEP = text(_CLAIM.format(due="""
+        SELECT id FROM fp_outbox_events
+         WHERE status IN ('pending', 'in_flight') AND next_attempt_at <= now()
+         ORDER BY next_attempt_at
+         LIMIT :limit
+           FOR UPDATE SKIP LOCKED"""))
+
+# Where a worker's floor starts: just below the oldest due pending row, else at the head (nothing to do).
+# Read once at start; it may read the partial index whole, once.
+FIRST_FLOOR = text(
     """
-    UPDATE fp_outbox_events AS e
-       SET status = 'in_flight',
-           attempts = e.attempts + 1,
-           lease_owner = :owner,
-           lease_until = now() + make_interval(secs => :lease_s),
-           next_attempt_at = now() + make_interval(secs => :lease_s)
-      FROM (SELECT id FROM fp_outbox_events
-             WHERE status IN ('pending', 'in_flight') AND next_attempt_at <= now()
-             ORDER BY next_attempt_at
-             LIMIT :limit
-               FOR UPDATE SKIP LOCKED) AS due
-     WHERE e.id = due.id
- RETURNING e.id, e.attempts, e.insert_id, e.payload::text AS payload
+    SELECT coalesce((SELECT min(id) - 1 FROM fp_outbox_events
+                      WHERE status = 'pending' AND next_attempt_at <= now()),
+                    (SELECT max(id) FROM fp_outbox_events), 0) AS floor
     """
 )
 

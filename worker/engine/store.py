@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from worker.engine import queries
+from worker.engine.floor import Snapshot
 from worker.engine.payload import event_body
 
 log = logging.getLogger("fp_outbox.worker")
@@ -111,15 +112,25 @@ class Store:
         self.owner = owner
         self.lease_seconds = lease_seconds
 
-    def claim(self, limit: int, rate: float) -> tuple[list[Claimed], Grant]:
-        """Claim up to `limit` due rows and reserve that many requests of the shared rate budget, in one
-        transaction; returns the rows and their grant (when they may be sent)."""
-        params = {"owner": self.owner, "lease_s": self.lease_seconds, "limit": limit}
+    def claim_fresh(self, floor: int, limit: int, rate: float) -> tuple[list[Claimed], Grant, Snapshot]:
+        """Claim up to `limit` due rows above `floor` (the fresh path) with their share of the rate budget, in
+        one statement; returns the rows, their grant and what the statement's snapshot saw."""
+        rows = self._claim(queries.CLAIM_FRESH, {"floor": floor, "limit": limit, "rate": rate})
+        return _claimed(rows), _grant_of(rows), Snapshot(rows[0].xmin, rows[0].xmax, rows[0].head)
+
+    def claim_due(self, limit: int, rate: float) -> tuple[list[Claimed], Grant]:
+        """Claim up to `limit` of whatever is due (the sweep: retries, expired leases, released rows ...)."""
+        rows = self._claim(queries.CLAIM_SWEEP, {"limit": limit, "rate": rate})
+        return _claimed(rows), _grant_of(rows)
+
+    def first_floor(self) -> int:
+        """Where a new worker's floor starts: below the oldest due pending row, else at the head."""
         with transaction(self.engine) as conn:
-            rows = conn.execute(queries.CLAIM_BATCH, params).all()
-            grant = _grant(conn, len(rows), rate) if rows else Grant.none()
-        claimed = [Claimed(row.id, row.attempts, row.payload, row.insert_id) for row in rows]
-        return claimed, grant
+            return int(conn.execute(queries.FIRST_FLOOR).scalar_one())
+
+    def _claim(self, statement, params: dict) -> list:
+        with transaction(self.engine) as conn:
+            return conn.execute(statement, {"owner": self.owner, "lease_s": self.lease_seconds, **params}).all()
 
     def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
         return self._update(queries.MARK_DELIVERED, ids=ids, statuses=statuses)
@@ -153,6 +164,15 @@ class Store:
             return 0
         with transaction(self.engine) as conn:
             return conn.execute(statement, {"owner": self.owner, **params}).rowcount
+
+
+def _claimed(rows: list) -> list[Claimed]:
+    return [Claimed(row.id, row.attempts, row.payload, row.insert_id) for row in rows if row.id is not None]
+
+
+def _grant_of(rows: list) -> Grant:
+    first = rows[0]
+    return Grant.none() if first.id is None else Grant(len(rows), first.starts_at, first.wait_s)
 
 
 def _grant(conn: Connection, count: int, rate: float) -> Grant:
