@@ -10,12 +10,14 @@ from collections import Counter
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
-from worker.engine.policy import Dead, Delivered, Outcome, Retry
+from worker.engine.outcomes import Batch, Unwritten, Written, split_outcomes, write
+from worker.engine.policy import Outcome, Retry
 from worker.engine.services import DatabaseHealth
 from worker.engine.settings import Settings
 from worker.engine.store import Claimed, DatabaseUnavailable, Store
 
 SETTLE_DELAY = 0.05  # seconds an outcome may wait to be settled together with others
+TOTALS = {"delivered": "delivered", "retry": "retried", "dead": "dead"}  # batch kind -> key of Settler.totals
 
 
 class Settler:
@@ -65,57 +67,57 @@ class Settler:
         try:
             self._apply(outcomes)
             self._health.ok()
-        except DatabaseUnavailable as exc:
-            self._outcomes = outcomes + self._outcomes  # settle again later; the lease still holds them
+        except Unwritten as exc:
+            self._outcomes = exc.outcomes + self._outcomes  # settle again later; the lease still holds them
+            self._health.trouble(exc)
+        except DatabaseUnavailable as exc:  # only the 429 pause was lost; the next 429 sets it again
             self._health.trouble(exc)
 
     def _apply(self, outcomes: list[tuple[Claimed, Outcome]]) -> None:
-        delivered, retry, dead = split_outcomes(outcomes, self._settings)
-        held = self._store.mark_delivered([r.id for r, _ in delivered], [o.status for _, o in delivered])
-        held += self._store.schedule_retry([r.id for r, _, _ in retry], [d for _, _, d in retry],
-                                           [o.status for _, o, _ in retry], [o.reason for _, o, _ in retry])
-        held += self._store.mark_dead([r.id for r, _ in dead], [o.status for _, o in dead],
-                                      [o.reason for _, o in dead])
+        batches = split_outcomes(outcomes, self._settings)
+        try:
+            written = write(self._store, batches)
+        except Unwritten as exc:
+            self._report(exc.done, exc.written, expected=sum(len(b.rows) for b in exc.done))
+            raise
+        self._report(batches, written, expected=len(outcomes))
         self._pause_on_429(outcomes)
-        self._count(delivered, retry, dead)
-        self._log(retry, dead, lost=len(outcomes) - held)
+
+    def _report(self, batches: list[Batch], written: Written, expected: int) -> None:
+        """Count and log what was settled: totals, metrics, dead events, retries, refusals, lost leases."""
+        for batch in batches:
+            self._count(batch)
+            self._log(batch)
+        if written.dead_lettered or written.unstorable:
+            first_id, first_error = (written.dead_lettered or written.unstorable)[0]
+            event(log, logging.WARNING, "could not record some outcomes; dead-lettered them instead",
+                  dead_lettered=len(written.dead_lettered), unstorable=len(written.unstorable),
+                  first_id=first_id, first_error=first_error)
+        lost = expected - written.held - len(written.unstorable)
+        if lost > 0:
+            event(log, logging.WARNING, "lease lost before settling; another worker owns those rows now",
+                  lost=lost)
+
+    def _count(self, batch: Batch) -> None:
+        self.totals[TOTALS[batch.kind]] += len(batch.rows)
+        if batch.kind == "delivered":
+            self._metrics.delivered(len(batch.rows))
+            return
+        count = self._metrics.retried if batch.kind == "retry" else self._metrics.dead
+        for outcome in batch.outcomes:
+            count(outcome.reason, outcome.status)
+
+    @staticmethod
+    def _log(batch: Batch) -> None:
+        if batch.kind == "dead":
+            for row, outcome in zip(batch.rows, batch.outcomes):
+                event(log, logging.WARNING, "event dead", id=row.id, status=outcome.status, reason=outcome.reason)
+        elif batch.kind == "retry" and batch.rows:
+            event(log, logging.INFO, "retry scheduled", count=len(batch.rows), first_id=batch.rows[0].id,
+                  first_reason=batch.outcomes[0].reason, first_delay_s=round(batch.delays[0], 3))
 
     def _pause_on_429(self, outcomes: list[tuple[Claimed, Outcome]]) -> None:
         pauses = [o.retry_after or 1.0 for _, o in outcomes if isinstance(o, Retry) and o.status == 429]
         if pauses:
             cap = self._settings.backoff.retry_after_cap.total_seconds()
             self._store.pause_all(min(max(pauses), cap))
-
-    def _count(self, delivered: list, retry: list, dead: list) -> None:
-        self.totals.update(delivered=len(delivered), retried=len(retry), dead=len(dead))
-        self._metrics.delivered(len(delivered))
-        for _, outcome, _ in retry:
-            self._metrics.retried(outcome.reason, outcome.status)
-        for _, outcome in dead:
-            self._metrics.dead(outcome.reason, outcome.status)
-
-    def _log(self, retry: list, dead: list, lost: int) -> None:
-        for row, outcome in dead:
-            event(log, logging.WARNING, "event dead", id=row.id, status=outcome.status, reason=outcome.reason)
-        if retry:
-            row, outcome, delay = retry[0]
-            event(log, logging.INFO, "retry scheduled", count=len(retry), first_id=row.id,
-                  first_reason=outcome.reason, first_delay_s=round(delay, 3))
-        if lost > 0:
-            event(log, logging.WARNING, "lease lost before settling; another worker owns those rows now",
-                  lost=lost)
-
-
-def split_outcomes(outcomes: list[tuple[Claimed, Outcome]], settings: Settings) -> tuple[list, list, list]:
-    """Sort outcomes into the three settle statements; exhausted retries become dead."""
-    delivered, retry, dead = [], [], []
-    for row, outcome in outcomes:
-        if isinstance(outcome, Delivered):
-            delivered.append((row, outcome))
-        elif isinstance(outcome, Retry) and settings.backoff.exhausted(row.attempts):
-            dead.append((row, Dead(f"gave up after {row.attempts} attempts: {outcome.reason}", outcome.status)))
-        elif isinstance(outcome, Retry):
-            retry.append((row, outcome, settings.backoff.delay(row.attempts, outcome.retry_after)))
-        else:
-            dead.append((row, outcome))
-    return delivered, retry, dead

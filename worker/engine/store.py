@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
 
 from worker.engine import queries
 from worker.engine.floor import Snapshot
@@ -58,6 +58,11 @@ def translate(exc: DBAPIError) -> Exception:
     if refusal:
         return DatabaseRefused(refusal[1].format(reason=_describe(exc)), refusal[0])
     return exc
+
+
+class StatementRefused(Exception):
+    """The database (or the driver) refused a statement for what it carried or did, on a live connection: a
+    value it cannot store, a constraint or trigger of the application's. Trying it again as is won't help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +167,11 @@ class Store:
     def _update(self, statement, **params) -> int:
         if not params["ids"]:
             return 0
-        with transaction(self.engine) as conn:
-            return conn.execute(statement, {"owner": self.owner, **params}).rowcount
+        try:
+            with transaction(self.engine) as conn:
+                return conn.execute(statement, {"owner": self.owner, **params}).rowcount
+        except (DBAPIError, StatementError, UnicodeError) as exc:  # a lost connection is DatabaseUnavailable
+            raise StatementRefused(_describe(exc)) from exc
 
 
 def _claimed(rows: list) -> list[Claimed]:
@@ -188,6 +196,6 @@ def status_counts(engine: Engine) -> dict[str, float | int | None]:
             for key, value in row.items()}
 
 
-def _describe(exc: DBAPIError) -> str:
-    text = str(exc.orig or exc).strip().splitlines()
+def _describe(exc: Exception) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
