@@ -79,13 +79,14 @@ def test_metrics_endpoint_counts_deliveries_and_dead_letters(clean, db_url, sink
 
 def test_worker_purges_delivered_rows_past_retention(clean, db_url, sink, workers):
     _enqueue(clean, 30)
-    with clean.begin() as conn:  # a dead row is kept whatever its age: only delivered rows expire
-        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, dead_at)"
-                          " VALUES ('old-dead', 'E', '{}', 'dead', now() - interval '1 day')"))
+    with clean.begin() as conn:  # dead rows have a retention of their own (30 days by default)
+        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, dead_at) VALUES"
+                          " ('dead-1d', 'E', '{}', 'dead', now() - interval '1 day'),"
+                          " ('dead-40d', 'E', '{}', 'dead', now() - interval '40 days')"))
     worker = workers(db_url, sink.url, *FAST, "--retain-delivered", "2s")
     assert wait_until(lambda: status_of(clean).get("delivered") == 30, 30), worker.output()
     assert wait_until(lambda: status_of(clean) == {"dead": 1}, 30), worker.output()
-    assert "purged delivered rows" in worker.output()
+    assert "purged old rows" in worker.output()
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0
 

@@ -59,6 +59,10 @@ PRECEDENCE = [
     ("empty env means default", [], {"FP_OUTBOX_RATE_LIMIT": ""}, "rate_limit", 5000.0),
     ("flag wins over env: concurrency", ["--concurrency", "4"], {"FP_OUTBOX_CONCURRENCY": "8"}, "concurrency", 4),
     ("drain flag", ["--drain"], {}, "drain", True),
+    ("retain dead: default", [], {}, "retain_dead", timedelta(days=30)),
+    ("retain dead: flag wins", ["--retain-dead", "2w"], {"FP_OUTBOX_RETAIN_DEAD": "1d"}, "retain_dead",
+     timedelta(weeks=2)),
+    ("retain dead: env", [], {"FP_OUTBOX_RETAIN_DEAD": "12h"}, "retain_dead", timedelta(hours=12)),
 ]
 
 
@@ -149,6 +153,7 @@ BAD_NUMBERS = [
     ("inline attempts zero", ["--inline-attempts", "0"], {}, "--inline-attempts"),
     ("poll interval negative", ["--poll-interval", "-1"], {}, "--poll-interval"),
     ("log format", ["--log-format", "xml"], {}, "--log-format"),
+    ("retain dead not a duration", ["--retain-dead", "forever"], {}, "--retain-dead"),
 ]
 
 BAD_ENV_NUMBERS = [

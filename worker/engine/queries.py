@@ -175,22 +175,24 @@ QUEUE_DEPTH = text(
 )
 
 # Retention of delivered rows. There is no index on delivered_at (it would cost every delivery a
-# write), so each batch walks the next `batch_size` rows in primary-key order, i.e. enqueue order,
-# and deletes the old delivered ones among them. A row created after the cutoff cannot have been
-# delivered before it, so the walk ends with a batch made only of such rows: the cost follows the
-# rows deleted, not the size of the table (a whole batch, not the first young row, so that ids
-# taken slightly out of created_at order by concurrent transactions are still reached).
-# SKIP LOCKED lets two purges (two workers) run side by side.
+# write), so each batch walks the next `batch_size` rows in primary-key order, i.e. enqueue order, from
+# where the last batch stopped, and deletes the old delivered ones among them. A row created after the
+# cutoff cannot have been delivered before it, so a batch made only of such rows ends the walk (`done`):
+# the cost follows the rows deleted, not the size of the table (a whole batch, not the first young row, so
+# that ids taken slightly out of created_at order by concurrent transactions are still reached).
+# `lowest_kept` is the first row of the batch that is neither deleted nor dead (pending, in flight, or
+# delivered too recently): the next walk starts there, since it may become deletable later; dead rows have
+# their own retention, below. SKIP LOCKED lets two purges (two workers) run side by side.
 PURGE_DELIVERED_BATCH = text(
     """
     WITH examined AS (
-        SELECT id, created_at FROM fp_outbox_events
+        SELECT id, status, created_at FROM fp_outbox_events
          WHERE id > :after
          ORDER BY id
          LIMIT :batch_size),
     doomed AS (
         SELECT e.id FROM fp_outbox_events AS e
-         WHERE e.id IN (SELECT id FROM examined)
+         WHERE e.id IN (SELECT id FROM examined WHERE status = 'delivered')
            AND e.status = 'delivered'
            AND e.delivered_at < now() - make_interval(secs => CAST(:older_than_s AS float8))
            FOR UPDATE SKIP LOCKED),
@@ -198,6 +200,8 @@ PURGE_DELIVERED_BATCH = text(
         DELETE FROM fp_outbox_events AS e USING doomed WHERE e.id = doomed.id RETURNING e.id)
     SELECT (SELECT count(*) FROM deleted) AS deleted,
            (SELECT max(id) FROM examined) AS last_id,
+           (SELECT min(id) FROM examined
+             WHERE status <> 'dead' AND id NOT IN (SELECT id FROM deleted)) AS lowest_kept,
            coalesce((SELECT bool_and(created_at >= now() - make_interval(secs => CAST(:older_than_s AS float8)))
                        FROM examined), true) AS done
     """

@@ -93,8 +93,8 @@ class SideServices:
         if self._settings.metrics_port:
             port = self._metrics.start_http_server(self._settings.metrics_port)
             event(log, logging.INFO, "metrics served", port=port, path="/metrics")
-        if self._settings.retain_delivered:
-            start_retention(self._engine, self._settings.retain_delivered, self._stopping)
+        if self._settings.retain_delivered or self._settings.retain_dead:
+            start_retention(self._engine, self._settings.retain_delivered, self._settings.retain_dead, self._stopping)
 
     def refresh_gauges(self, in_flight: int) -> None:
         """Set the in-flight gauge; read the queue gauges from the database every QUEUE_GAUGES_EVERY seconds."""

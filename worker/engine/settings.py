@@ -36,6 +36,8 @@ OPTIONS: list[tuple[str, str | None, object, type, str]] = [
     ("--metrics-port", "FP_OUTBOX_METRICS_PORT", 0, int, "serve Prometheus /metrics on this port (0: off)"),
     ("--retain-delivered", "FP_OUTBOX_RETAIN_DELIVERED", "7d", str,
      "purge delivered rows older than this (7d, 12h, ...; off: keep them)"),
+    ("--retain-dead", "FP_OUTBOX_RETAIN_DEAD", "30d", str,
+     "purge dead rows that died longer ago than this (30d, ...; off: keep them)"),
 ]
 
 # Inline retries wait 0.1 s, 0.2 s, 0.4 s ... at most this long each; longer waits go to the row.
@@ -67,6 +69,7 @@ class Settings:
     log_format: str = "text"
     metrics_port: int | None = None
     retain_delivered: timedelta | None = timedelta(days=7)
+    retain_dead: timedelta | None = timedelta(days=30)
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
 
     @property
@@ -134,6 +137,7 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         log_format=_choice("--log-format", values["log_format"], ("text", "json")),
         metrics_port=_port("--metrics-port", values["metrics_port"]),
         retain_delivered=_retention("--retain-delivered", values["retain_delivered"]),
+        retain_dead=_retention("--retain-dead", values["retain_dead"]),
     )
     if settings.backoff.cap < settings.backoff.base:
         raise ConfigError("--retry-cap must be at least --retry-base; raise the cap or lower the base")
@@ -178,7 +182,7 @@ def _retention(name: str, value: str) -> timedelta | None:
     try:
         return parse_duration(value.strip())
     except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}; or 'off' to keep delivered rows") from None
+        raise ConfigError(f"{name}: {exc}; or 'off' to keep those rows") from None
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
