@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from worker.admin import output, queries
 from worker.admin.arguments import add_database_flags, add_dead_filters, add_limit_and_json, dead_params
 from worker.admin.database import connected
-from worker.engine import status_counts
+from worker.engine import oldest_transaction, status_counts
 
 
 def add_status(commands) -> None:
@@ -38,7 +38,7 @@ def add_dead(commands) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with connected(args) as engine:
-        counts = {**status_counts(engine), **activity(engine)}
+        counts = {**status_counts(engine), **activity(engine), **oldest_transaction(engine)}
     if args.json:
         print(json.dumps(counts))
         return 0
@@ -50,10 +50,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows.append(("delivered last minute", f"{counts['delivered_last_minute']:,}"))
     rows.append(("throughput", f"{counts['delivered_last_minute'] / 60:,.1f} /s"))
     rows.append(("dead last minute", f"{counts['dead_last_minute']:,}"))
+    rows.append(("oldest transaction holding back vacuum", _holding(counts)))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value:>12}")
     return 0
+
+
+def _holding(counts: dict) -> str:
+    """The oldest open transaction holding the vacuum horizon back: its age, pid and state, or '-'."""
+    age = counts["oldest_transaction_age_s"]
+    if age is None:
+        return "-"
+    who = f"pid {counts['oldest_transaction_pid']}" if counts["oldest_transaction_pid"] else "no pid"
+    return f"{age:,.1f} s ({who}, {counts['oldest_transaction_state'] or 'state hidden'})"
 
 
 def activity(engine: Engine) -> dict[str, int]:

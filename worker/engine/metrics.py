@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
 from sqlalchemy import Engine
 
-from worker.engine.queries import QUEUE_DEPTH
+from worker.engine.queries import OLDEST_TRANSACTION, QUEUE_DEPTH
 
 #: The reason label's whole vocabulary, so a free-text error can never create a new time series.
 REASONS = ("http_4xx", "http_5xx", "http_429", "http_3xx", "timeout", "connection", "exhausted", "no_token",
@@ -58,6 +58,10 @@ class Metrics:
                                  ["status"], registry=r)
         self.oldest_pending_age = Gauge("fp_outbox_oldest_pending_age_seconds",
                                         "Age of the oldest event not yet delivered or dead (0 when none)", registry=r)
+        self.oldest_transaction_age = Gauge(
+            "fp_outbox_oldest_transaction_age_seconds",
+            "Age of the oldest open transaction holding this database's vacuum horizon back (0 when none)",
+            registry=r)
         self.in_flight = Gauge("fp_outbox_in_flight", "Requests this worker has in flight now", registry=r)
         self.rate_limit_wait = Counter("fp_outbox_rate_limit_wait_seconds",
                                        "Seconds spent waiting for the shared rate limit", registry=r)
@@ -89,9 +93,11 @@ class Metrics:
         """Read the queue figures from the database into the gauges (one short statement); returns them."""
         with engine.connect() as conn:
             row = dict(conn.execute(QUEUE_DEPTH).mappings().one())
+            holding = conn.execute(OLDEST_TRANSACTION).mappings().first()
         for status in ("pending", "in_flight", "dead"):
             self.queue_depth.labels(status).set(row[status])
         self.oldest_pending_age.set(row["oldest_pending_age_s"] or 0.0)
+        self.oldest_transaction_age.set(holding["oldest_transaction_age_s"] if holding else 0.0)
         return row
 
     def start_http_server(self, port: int, addr: str = "0.0.0.0") -> int:

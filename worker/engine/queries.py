@@ -174,6 +174,26 @@ QUEUE_DEPTH = text(
     """
 )
 
+# The oldest open transaction in this database that holds the vacuum horizon back: one with an xid, or a
+# snapshot (backend_xmin: a REPEATABLE READ report, pg_dump, a statement still running), and prepared
+# transactions. While it is open, no dead row version younger than it can be removed from any table here.
+# pg_stat_activity shows other roles' sessions only to roles granted pg_read_all_stats (or pg_monitor);
+# without it the figure covers this role's own sessions only.
+OLDEST_TRANSACTION = text(
+    """
+    SELECT extract(epoch FROM clock_timestamp() - started)::float8 AS oldest_transaction_age_s,
+           pid AS oldest_transaction_pid, state AS oldest_transaction_state
+      FROM (SELECT xact_start AS started, pid, state FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL) AND xact_start IS NOT NULL
+            UNION ALL
+            SELECT prepared, NULL, 'prepared ' || gid FROM pg_prepared_xacts
+             WHERE database = current_database()) AS holding
+     ORDER BY started
+     LIMIT 1
+    """
+)
+
 # Retention of delivered rows. There is no index on delivered_at (it would cost every delivery a
 # write), so each batch walks the next `batch_size` rows in primary-key order, i.e. enqueue order, from
 # where the last batch stopped, and deletes the old delivered ones among them. A row created after the

@@ -196,6 +196,15 @@ def status_counts(engine: Engine) -> dict[str, float | int | None]:
             for key, value in row.items()}
 
 
+def oldest_transaction(engine: Engine) -> dict[str, float | int | str | None]:
+    """oldest_transaction_age_s, _pid and _state: the oldest open transaction holding this database's vacuum
+    horizon back (all None when there is none)."""
+    with engine.connect() as conn:
+        row = conn.execute(queries.OLDEST_TRANSACTION).mappings().first()
+    keys = ("oldest_transaction_age_s", "oldest_transaction_pid", "oldest_transaction_state")
+    return dict(row) if row else dict.fromkeys(keys)
+
+
 def _describe(exc: Exception) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
