@@ -100,20 +100,29 @@ def test_answers_switched_while_a_worker_runs(clean, db_url, sink, workers):
     assert status_of(clean) == {"delivered": 1000, "dead": 10}
 
 
+def _in_flight_under(engine, pid: int) -> int:
+    """Rows in flight under a lease of the worker process `pid` (its owner id is host:pid:random)."""
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM fp_outbox_events WHERE status = 'in_flight'"
+                                 " AND split_part(lease_owner, ':', 2) = :pid"), {"pid": str(pid)}).scalar()
+
+
 def test_sigkill_at_random_moments_then_restart(clean, db_url, sink, workers):
-    committed = _enqueue(clean, 1500)
-    sink.set_faults(latency=0.02)
+    committed = _enqueue(clean, 2000)
+    sink.set_faults(latency=0.04)  # 16 in flight at a time: about 400/s, so the backlog outlasts the kills
     rng = random.Random(20261128)
     for _ in range(4):
         victim = workers(db_url, sink.url, "--concurrency", "16", *FAST)
-        time.sleep(rng.uniform(0.3, 1.5))
+        assert wait_until(lambda: _in_flight_under(clean, victim.proc.pid) > 0, 30), victim.output()
+        time.sleep(rng.uniform(0.0, 1.0))  # a random moment while it delivers
         victim.signal(signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
+        assert _in_flight_under(clean, victim.proc.pid) > 0  # it died holding rows: they must come back
     survivor = workers(db_url, sink.url, "--drain", "--concurrency", "16", *FAST)
     assert survivor.wait(120) == 0, survivor.output()
     by_id = _check_delivery(sink, committed, killed=True)
     _check_spacing(by_id)
-    assert status_of(clean) == {"delivered": 1500}
+    assert status_of(clean) == {"delivered": 2000}
 
 
 def _backend_waiting_on(engine, fragment: str) -> int | None:
