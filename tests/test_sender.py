@@ -126,14 +126,14 @@ def test_permits_for_a_re_send_are_never_waited_for_past_the_lease(clean):
     settings = _settings("http://127.0.0.1:1/track")
     permits = Permits(store, settings, Metrics())
     with clean.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_rate_limiter"))
+        conn.execute(text("SELECT setval('fp_outbox_rate_limit_seq', 0)"))  # the shared schedule back at its start
     store.pause_all(600)  # a 429 with Retry-After: 600 paused every worker
     started = time.monotonic()
     assert permits.take(1, max_wait=5.0) is False
     assert time.monotonic() - started < 2
     store.pause_all(0)
     with clean.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_rate_limiter"))
+        conn.execute(text("SELECT setval('fp_outbox_rate_limit_seq', 0)"))  # the shared schedule back at its start
     assert permits.take(1, max_wait=5.0) is True
 
 

@@ -57,7 +57,7 @@ class Answers:
     def __init__(self, outcomes: dict) -> None:
         self._outcomes = outcomes
 
-    def send(self, row):
+    def send(self, row, *_):
         import json
 
         return self._outcomes.get(json.loads(row.payload)["event"], Delivered(200))
