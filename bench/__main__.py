@@ -24,7 +24,10 @@ from bench import drain, rate
 from bench.common import empty_outbox
 from bench.common import event as _event
 from bench.common import fresh_backlog as _fresh_backlog
+from bench.churn import bench_churn
 from bench.concurrency import bench_concurrency
+from bench.cycle import bench_cycle
+from bench.horizon import bench_horizon
 from outbox.db import make_engine, normalise_url, upgrade
 from worker.devtools.sink import Sink
 
@@ -207,56 +210,6 @@ def bench_growth(engine, url: str, args) -> dict:
             "backlog_vs_empty": round(backlog / empty, 3)}
 
 
-def bench_cycle(engine, url: str, args) -> dict:
-    """The claim -> settle cycle alone (HTTP replaced by an in-process transport that answers 200 at once)
-    against pgqueuer draining the same number of no-op jobs, batches of 100, on the same database."""
-    import asyncio
-
-    from worker.engine import Delivered, Worker, build_parser, from_args
-
-    class InstantTransport:
-        def send(self, row, *_):
-            return Delivered(200)
-
-    _fresh_backlog(engine, args.events)
-    settings = from_args(build_parser().parse_args(
-        ["--database-url", url, "--drain", "--rate-limit", "1000000", "--concurrency", "100"]), environ={})
-    worker = Worker(settings, sender=InstantTransport())
-    started = time.perf_counter()
-    worker.run()
-    ours = args.events / (time.perf_counter() - started)
-    worker.engine.dispose()
-    theirs = asyncio.run(_pgqueuer_drain(engine.url.set(drivername="postgresql").render_as_string(False), args.events))
-    return {"events": args.events, "batch": 100, "fp_outbox_events_per_s": round(ours),
-            "pgqueuer_jobs_per_s": round(theirs), "fp_outbox_vs_pgqueuer": round(ours / theirs, 3)}
-
-
-async def _pgqueuer_drain(dsn: str, jobs: int) -> float:
-    import psycopg
-    from pgqueuer import PsycopgDriver, Queries, QueueManager
-    from pgqueuer.types import QueueExecutionMode
-
-    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    queries = Queries(PsycopgDriver(conn))
-    if not await queries.schema_is_installed():
-        await queries.install()
-    await queries.clear_queue()
-    for start in range(0, jobs, 1000):
-        count = min(jobs, start + 1000) - start
-        await queries.enqueue(["noop"] * count, [None] * count, [0] * count)
-    manager = QueueManager(queries)
-
-    @manager.entrypoint("noop")
-    async def noop(job) -> None:
-        return None
-
-    started = time.perf_counter()
-    await manager.run(batch_size=100, mode=QueueExecutionMode.drain)
-    elapsed = time.perf_counter() - started
-    await conn.close()
-    return jobs / elapsed
-
-
 def _status(engine) -> dict:
     from worker.engine import status_counts
 
@@ -280,7 +233,7 @@ def _database(args):
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("which", choices=["enqueue", "drain", "faults", "latency", "rate", "growth", "cycle",
-                                          "concurrency"])
+                                          "concurrency", "horizon", "churn"])
     parser.add_argument("--rounds", type=int, default=1,
                         help="drain: runs of each sender; concurrency: of each variant (interleaved, median)")
     parser.add_argument("--profile", help="drain: then profile one worker with py-spy into PROFILE.txt and .svg")
@@ -294,6 +247,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="drain: requests in flight")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="faults: receiver answer delay")
     parser.add_argument("--seconds", type=int, default=15, help="concurrency: seconds per pgbench run")
+    parser.add_argument("--horizon-events", type=int, default=150_000, help="horizon: backlog drained per run")
+    parser.add_argument("--churn-events", type=int, default=1_000_000, help="churn: events delivered per run")
+    parser.add_argument("--churn-seconds", type=float, default=60.0, help="churn: seconds of feeding retention")
     parser.add_argument("--app-processes", type=int, default=8,
                         help="concurrency: application processes sending wake-ups (each at most 1/WAKE_INTERVAL)")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="concurrency: idle worker measured this long")
@@ -307,7 +263,9 @@ def main() -> int:
                    "rate": lambda: rate.bench_rate(engine, plain, args, _fresh_backlog),
                    "growth": lambda: bench_growth(engine, plain, args),
                    "cycle": lambda: bench_cycle(engine, plain, args),
-                   "concurrency": lambda: bench_concurrency(engine, plain, args)}[args.which]()
+                   "concurrency": lambda: bench_concurrency(engine, plain, args),
+                   "horizon": lambda: bench_horizon(engine, plain, args),
+                   "churn": lambda: bench_churn(engine, plain, args)}[args.which]()
         engine.dispose()
     width = max(len(k) for k in figures)
     for key, value in figures.items():
