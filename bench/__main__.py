@@ -1,4 +1,5 @@
-"""python -m bench {enqueue,drain,faults,latency,rate,growth,cycle} [--database-url URL]: figures against a baseline measured in the same run.
+"""python -m bench NAME [--database-url URL]: figures against a baseline measured in the same run, NAME one of
+enqueue, drain, faults, latency, rate, growth, cycle, concurrency, horizon, churn.
 
 Without --database-url (or FP_OUTBOX_DATABASE_URL) an embedded PostgreSQL is used.
 """
@@ -250,6 +251,7 @@ def main() -> int:
     parser.add_argument("--horizon-events", type=int, default=150_000, help="horizon: backlog drained per run")
     parser.add_argument("--churn-events", type=int, default=1_000_000, help="churn: events delivered per run")
     parser.add_argument("--churn-seconds", type=float, default=60.0, help="churn: seconds of feeding retention")
+    parser.add_argument("--churn-rate", type=float, default=5000.0, help="churn: events enqueued per second")
     parser.add_argument("--app-processes", type=int, default=8,
                         help="concurrency: application processes sending wake-ups (each at most 1/WAKE_INTERVAL)")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="concurrency: idle worker measured this long")

@@ -64,26 +64,35 @@ def bench_concurrency(engine, url: str, args) -> dict:
         scripts["outbox"].write_text(business_script(INSERT_ONE.sqlalchemy.text + ";"))
         scripts["wake"].write_text(WAKE_SQL + ";\n")
         for clients in (32, 1):
-            rates: dict[str, list[float]] = {"plain": [], "outbox": []}
-            for _round in range(args.rounds):
-                for kind in ("plain", "outbox"):  # interleaved, so drift hits both alike
-                    _truncate(engine)
-                    rates[kind].append(_run(pgbench, libpq, scripts, kind, clients, defines, args))
-            plain, ours = statistics.median(rates["plain"]), statistics.median(rates["outbox"])
-            figures.update({f"c{clients}_plain_tps": round(plain), f"c{clients}_enqueue_tps": round(ours),
-                            f"c{clients}_enqueue_vs_plain": round(ours / plain, 3),
-                            f"c{clients}_runs": {k: [round(v) for v in vs] for k, vs in rates.items()}})
-            print(f"  {clients} connection(s): plain {plain:.0f}/s, enqueue {ours:.0f}/s", flush=True)
+            figures.update(_compare(engine, pgbench, libpq, scripts, clients, defines, args))
         figures["wakeups_received_by_listener"] = listener.received
     _truncate(engine)
     figures.update(idle_worker_statements(engine, url, args))
     return figures
 
 
+def _compare(engine, pgbench: str, url: str, scripts: dict, clients: int, defines: list[str], args) -> dict:
+    """Commit rates at `clients` connections: plain, enqueue with its wake-ups, and enqueue alone (to show
+    what each part costs), interleaved round after round so drift hits all alike; medians."""
+    rates: dict[str, list[float]] = {"plain": [], "outbox": [], "outbox_no_wakeups": []}
+    for _round in range(args.rounds):
+        for kind in rates:
+            _truncate(engine)
+            rates[kind].append(_run(pgbench, url, scripts, kind, clients, defines, args))
+    plain, ours, alone = (statistics.median(rates[kind]) for kind in rates)
+    print(f"  {clients} connection(s): plain {plain:.0f}/s, enqueue {ours:.0f}/s"
+          f" (without the wake-ups {alone:.0f}/s)", flush=True)
+    return {f"c{clients}_plain_tps": round(plain), f"c{clients}_enqueue_tps": round(ours),
+            f"c{clients}_enqueue_vs_plain": round(ours / plain, 3),
+            f"c{clients}_enqueue_without_wakeups_vs_plain": round(alone / plain, 3),
+            f"c{clients}_runs": {k: [round(v) for v in vs] for k, vs in rates.items()}}
+
+
 def _run(pgbench: str, url: str, scripts: dict, kind: str, clients: int, defines: list[str], args) -> float:
     """One pgbench run of `kind`; with the outbox, the wake-ups run beside it for the same time."""
     common = [pgbench, "-n", "-M", "extended", "-T", str(args.seconds)]
-    cmd = [*common, "-c", str(clients), "-j", str(min(clients, 2)), "-f", str(scripts[kind])]
+    script = scripts["outbox" if kind == "outbox_no_wakeups" else kind]
+    cmd = [*common, "-c", str(clients), "-j", str(min(clients, 2)), "-f", str(script)]
     for define in defines:
         cmd += ["-D", define]
     waker = None
