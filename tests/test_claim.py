@@ -14,7 +14,8 @@ import outbox
 from tests.conftest import TOKEN, wait_until
 from tests.inprocess import drain, settings, start
 from worker.engine import Worker
-from worker.engine.floor import Floor
+from worker.engine import floor as floor_module
+from worker.engine.floor import FLOOR_WAIT_CAP, Floor
 from worker.engine.store import Store
 
 
@@ -68,7 +69,8 @@ def _delivered(sink, insert_ids) -> bool:
     return set(insert_ids) <= {r.insert_id for r in sink.accepted()}
 
 
-def test_a_transaction_that_commits_after_later_ones_is_delivered(clean, db_url, sink):
+def test_a_transaction_that_commits_after_later_ones_is_delivered(clean, db_url, sink, monkeypatch):
+    monkeypatch.setattr(floor_module, "FLOOR_WAIT_CAP", 60.0)  # the xid rule alone, however slow this machine
     worker = _running(db_url, sink)
     try:
         first = _enqueue(clean, 3)
@@ -84,6 +86,28 @@ def test_a_transaction_that_commits_after_later_ones_is_delivered(clean, db_url,
             committed_at = time.monotonic()
         assert wait_until(lambda: _delivered(sink, [late]), 10)
         assert time.monotonic() - committed_at < 5  # the fresh path, at the next poll: not a sweep's luck
+    finally:
+        _stop(worker)
+
+
+def test_a_long_write_transaction_holds_the_floor_back_only_briefly(clean, db_url, sink):
+    """A write transaction left open (a batch job, an idle-in-transaction session) keeps xmin back for its whole
+    life; the floor must not wait for it, or every fresh claim would read all that was delivered since. The
+    floor passes it after FLOOR_WAIT_CAP, and its event, committed at last, is found by the sweep."""
+    worker = _running(db_url, sink)
+    try:
+        with clean.connect() as held:
+            held.execute(text("SELECT pg_current_xact_id()"))  # an xid, as any writing transaction has
+            late = outbox.enqueue(held, {"event": "Late", "properties": {"distinct_id": "u"}})
+            first = _enqueue(clean, 20)
+            assert wait_until(lambda: _delivered(sink, first), 20)
+            time.sleep(FLOOR_WAIT_CAP + 0.5)
+            later = _enqueue(clean, 20)
+            assert wait_until(lambda: _delivered(sink, later), 20)
+            passed = max(_ids(clean, first))
+            assert wait_until(lambda: worker.claimer.floor.value >= passed, 10)  # not held back by `held`
+            held.commit()
+        assert wait_until(lambda: _delivered(sink, [late]), 15)  # the sweep finds what the floor passed
     finally:
         _stop(worker)
 

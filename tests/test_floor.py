@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine.floor import MAX_PROPOSALS, MIN_SWEEP_INTERVAL, Floor, Snapshot, Sweeps
+from worker.engine.floor import FLOOR_WAIT_CAP, MAX_PROPOSALS, MIN_SWEEP_INTERVAL, Floor, Snapshot, Sweeps
 
 
 def test_a_claim_that_was_not_full_proposes_the_visible_head():
@@ -43,13 +43,30 @@ def test_the_floor_never_moves_back():
     assert floor.value == 50
 
 
-def test_a_long_write_transaction_holds_the_floor_and_the_proposals_stay_few():
-    floor = Floor(0)
+def test_a_long_write_transaction_holds_the_floor_back_for_the_wait_cap_only():
+    now = [0.0]
+    floor = Floor(0, clock=lambda: now[0])
     for step in range(1, 100):  # xid 1 runs throughout; the head keeps growing
         floor.observe([], limit=25, snapshot=Snapshot(xmin=1, xmax=1 + step, head=step * 10))
-    assert floor.value == 0 and len(floor._proposals) <= MAX_PROPOSALS
+        assert len(floor._proposals) <= MAX_PROPOSALS
+        now[0] += 0.001
+    assert floor.value == 0  # within the cap it waits for xid 1 (its rows would come up late otherwise)
+    now[0] += FLOOR_WAIT_CAP
+    floor.observe([], limit=25, snapshot=Snapshot(xmin=1, xmax=101, head=1000))
+    assert floor.value >= 10  # the cap passed: the proposals are taken although xid 1 still runs
+    for _ in range(MAX_PROPOSALS + 1):  # each cap's wait takes the next proposal, then the head
+        now[0] += FLOOR_WAIT_CAP
+        floor.observe([], limit=25, snapshot=Snapshot(xmin=1, xmax=101, head=1000))
+    assert floor.value == 1000
+
+
+def test_the_floor_catches_up_at_once_when_the_long_transaction_ends():
+    now = [0.0]
+    floor = Floor(0, clock=lambda: now[0])
+    for step in range(1, 20):
+        floor.observe([], limit=25, snapshot=Snapshot(xmin=1, xmax=1 + step, head=step * 10))
     floor.observe([], limit=25, snapshot=Snapshot(xmin=1000, xmax=1000, head=1000))
-    assert floor.value == 1000  # it ended: the floor catches up at once
+    assert floor.value >= 80  # every proposal kept is safe now: no need to wait out the cap
 
 
 @pytest.mark.parametrize("duration, interval", [(0.001, MIN_SWEEP_INTERVAL), (0.02, MIN_SWEEP_INTERVAL),

@@ -9,7 +9,10 @@ to a transaction that was running at S (its xid is below S's xmax, X) or that ha
 before the inserting transaction's first write assigns one). So a claim proposes M (the highest id it
 claimed when it was full, else H) together with X; the floor moves to M once a later snapshot's xmin
 reaches X: every transaction with an xid below X has ended by then. Read-only transactions (reports,
-pg_dump) have no xid and never hold the floor back; a long write transaction does, for its duration.
+pg_dump) have no xid and never hold the floor back. A write transaction left open (a batch job, a session
+idle in transaction) would hold it back for its whole life, and every fresh claim would then read all that
+was delivered since; so a proposal is taken anyway once it has waited FLOOR_WAIT_CAP: a row of a
+transaction that stayed open longer than that and commits after the floor passed it is found by the sweep.
 
 The sweep claims by due time from the partial index: retries that became due, expired leases, released
 rows, claims that rolled back, and the rare row the xid rule misses (its id taken before its xid). It runs
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 
 MIN_SWEEP_INTERVAL = 1.0  # seconds: the longest a due retry or an expired lease waits for the sweep ...
 SWEEP_COST_FACTOR = 50.0  # ... unless the sweep is slow: then 50x its duration, so it stays ~2 % of the time
-MAX_PROPOSALS = 8  # proposals kept while a long write transaction holds xmin back; the newest replaces the last
+MAX_PROPOSALS = 8  # proposals kept while xmin is held back; beyond that a new one waits for a free place
+FLOOR_WAIT_CAP = 1.0  # seconds a proposal waits for xmin: longer-lived transactions' late rows go to the sweep
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +45,21 @@ class Snapshot:
 class Floor:
     """One worker's floor: the fresh path claims only ids above `value`. Pure bookkeeping."""
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, clock=time.monotonic) -> None:
         self.value = start
-        self._proposals: deque[tuple[int, int]] = deque()  # (floor, xid every holder of an id <= it is below)
+        self._clock = clock
+        # (floor, xid every holder of an id <= it is below, when proposed)
+        self._proposals: deque[tuple[int, int, float]] = deque()
 
     def observe(self, claimed_ids: list[int], limit: int, snapshot: Snapshot) -> None:
         """Record a fresh claim: propose its new floor, and move to every proposal this snapshot makes safe."""
+        now = self._clock()
         proposed = max(claimed_ids) if len(claimed_ids) >= limit else snapshot.head
         highest = self._proposals[-1][0] if self._proposals else self.value
-        if proposed is not None and proposed > highest:
-            if len(self._proposals) >= MAX_PROPOSALS:
-                self._proposals.pop()
-            self._proposals.append((proposed, snapshot.xmax))
-        while self._proposals and self._proposals[0][1] <= snapshot.xmin:
+        if proposed is not None and proposed > highest and len(self._proposals) < MAX_PROPOSALS:
+            self._proposals.append((proposed, snapshot.xmax, now))
+        while self._proposals and (self._proposals[0][1] <= snapshot.xmin
+                                   or now - self._proposals[0][2] >= FLOOR_WAIT_CAP):
             self.value = max(self.value, self._proposals.popleft()[0])
 
 
