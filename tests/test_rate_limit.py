@@ -31,11 +31,6 @@ def _enqueue(engine, count: int) -> list[str]:
     return ids
 
 
-def _busiest_second(times: list[float]) -> int:
-    """The most instants in any one-second window (tests/test_pgbouncer.py counts arrivals with it)."""
-    return busiest_window(times)
-
-
 class Recorder:
     """Wraps a worker's store to keep every grant it received (with the insert_ids it was for) and pause it set."""
 
