@@ -277,3 +277,26 @@ def test_cli_without_database_url_exits_2_naming_the_flag(cmd):
     assert done.returncode == 2, done.stderr
     assert "--database-url" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- the token must fit the room validation keeps
+
+def test_a_token_too_long_for_the_room_kept_for_it_is_refused_without_being_shown():
+    import outbox
+
+    long_token = "x" * outbox.TOKEN_ALLOWANCE
+    message = config_error("--token", long_token)
+    assert "--token" in message and str(outbox.TOKEN_ALLOWANCE) in message
+    assert long_token not in message
+
+
+def test_a_token_with_quotes_is_measured_as_it_is_sent():
+    import outbox
+
+    fits = "a" * (outbox.TOKEN_ALLOWANCE - len(',"token":""'))
+    assert settings("--token", fits).token == fits
+    config_error("--token", fits[:-1] + '"')  # JSON escapes the quote: one byte more than it looks
+
+
+def test_an_environment_id_fits():
+    assert settings("--token", "2ce2b45b-af44-4426-a3ef-a314abce9c85").token

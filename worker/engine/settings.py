@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import socket
@@ -13,6 +14,7 @@ from datetime import timedelta
 from sqlalchemy.engine import URL
 
 from outbox.db import ConfigError, database_url
+from outbox.validation import TOKEN_ALLOWANCE
 from worker.engine.durations import parse_duration
 from worker.engine.policy import Backoff
 
@@ -119,7 +121,7 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
     settings = Settings(
         database_url=database_url(args.database_url, env),
         endpoint=_check_endpoint(values["endpoint"]),
-        token=token,
+        token=_check_token(token),
         rate_limit=_positive("--rate-limit", values["rate_limit"]),
         concurrency=int(_positive("--concurrency", values["concurrency"])),
         connect_timeout=_positive("--connect-timeout", values["connect_timeout"]),
@@ -183,6 +185,21 @@ def _retention(name: str, value: str) -> timedelta | None:
         return parse_duration(value.strip())
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}; or 'off' to keep those rows") from None
+
+
+def _check_token(token: str | None) -> str | None:
+    """The token must fit the room validation keeps for it in every event that carries none, so that what is
+    sent stays under outbox.MAX_EVENT_BYTES; the message never shows the token itself."""
+    if token is None:
+        return None
+    added = len(("," + json.dumps("token") + ":" + json.dumps(token, ensure_ascii=False)).encode())
+    if added > TOKEN_ALLOWANCE:
+        raise ConfigError(
+            f"--token (or FP_OUTBOX_TOKEN) is {len(token)} characters long and would add {added} bytes to each "
+            f"event, more than the {TOKEN_ALLOWANCE} bytes enqueue keeps free for it; a Freshpaint environment "
+            "id is 36 characters: check that the variable holds just the id"
+        )
+    return token
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
