@@ -79,6 +79,27 @@ def test_the_fresh_claim_reads_the_primary_key_from_the_floor(clean):
     assert "Seq Scan" not in plan and "fp_outbox_events_due_idx" not in plan, plan
 
 
+def test_a_backlog_the_statistics_know_nothing_of_is_claimed_from_the_floor(server_url, template_db):
+    """Right after a burst of enqueues (or on a table never analyzed) the planner has no idea that nearly every
+    row above the floor is pending. The fresh claim must still walk the primary key from the floor and stop
+    after its rows, not read (and sort) the whole backlog above it on every claim."""
+    url = create_database(server_url, template_db)  # a table no ANALYZE has seen
+    eng = make_engine(url)
+    try:
+        with eng.begin() as conn:
+            conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload)"
+                              " SELECT g::text, 'E', '{}' FROM generate_series(1, 20000) g"))
+        with eng.connect() as conn:
+            plan = _explain(conn, queries.CLAIM_FRESH, {**CLAIM, "floor": 0})
+            read = _entries_read(conn, queries.CLAIM_FRESH, {**CLAIM, "floor": 0})
+    finally:
+        eng.dispose()
+        drop_database(server_url, url)
+    assert "Index Scan using fp_outbox_events_pkey" in plan and "Index Cond: (id > " in plan, plan
+    assert "Sort Key: fp_outbox_events.id" not in plan and "Bitmap" not in plan and "Seq Scan" not in plan, plan
+    assert read < 100, read  # the 25 rows found, then updated, and the head; not 20,000
+
+
 def test_the_sweep_reads_the_partial_index_with_many_settled_rows(clean):
     _settled_and_pending(clean)
     with clean.connect() as conn:

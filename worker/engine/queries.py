@@ -42,13 +42,17 @@ _CLAIM = """
 # The fresh path, nearly every claim: rows above this worker's floor (worker.engine.floor), in id order,
 # from the primary key. Everything below the floor has been claimed, settled or left to the sweep, so the
 # dead versions that claims and settles leave behind sit below it and are never visited: the claim stays
-# flat while some other transaction holds back vacuum. `IS TRUE` keeps the planner from matching the due
-# index's predicate: a bitmap over that index reads every dead entry a held-back vacuum left in it (a test
-# guards the plan). clock_timestamp(), not now(): a row committed after this transaction began but before
-# its snapshot is due too, or the floor could pass it.
+# flat while some other transaction holds back vacuum. The status test sits inside a CASE, for two reasons
+# (tests guard the plan): the planner cannot match it to the due index's predicate (a bitmap over that index
+# reads every dead entry a held-back vacuum left in it), and it cannot estimate it from the column's
+# statistics, which describe the whole table (mostly delivered, or nothing at all before the first ANALYZE)
+# when above the floor nearly every row is pending: with such an estimate it chose to read and sort the
+# whole backlog above the floor on every claim (2.3 ms for 25 rows of a 20,000 backlog instead of 0.2).
+# clock_timestamp(), not now(): a row committed after this transaction began but before its snapshot is due
+# too, or the floor could pass it.
 CLAIM_FRESH = text(_CLAIM.format(due="""
         SELECT id FROM fp_outbox_events
-         WHERE id > :floor AND (status = 'pending') IS TRUE AND next_attempt_at <= clock_timestamp()
+         WHERE id > :floor AND CASE WHEN status = 'pending' THEN next_attempt_at <= clock_timestamp() END
          ORDER BY id
          LIMIT :limit
            FOR UPDATE SKIP LOCKED"""))
