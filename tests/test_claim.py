@@ -4,7 +4,11 @@ sweep, late commits, lost leases, released rows, and the plans that keep the cla
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
+
+import psycopg
 
 from sqlalchemy import bindparam, text
 from sqlalchemy import event as sa_event
@@ -12,6 +16,7 @@ from sqlalchemy.orm import Session
 
 import outbox
 from tests.conftest import TOKEN, wait_until
+from outbox.db import make_engine
 from tests.inprocess import drain, settings, start
 from worker.engine import Worker
 from worker.engine import floor as floor_module
@@ -27,18 +32,49 @@ def _enqueue(engine, count: int, name: str = "Purchase") -> list[str]:
     return ids
 
 
-def test_the_token_is_never_a_statement_parameter(clean, db_url, sink):
+def _trace_what_is_sent(engine, path) -> None:
+    """libpq's own trace of every message each new connection of `engine` sends and receives, into `path`:
+    whatever layer built a statement, this is what reached the server."""
+    def trace(dbapi_connection, _record) -> None:
+        dbapi_connection.pgconn.trace(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
+        dbapi_connection.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+    sa_event.listen(engine.pool, "connect", trace)
+
+
+def _sent(path) -> list[str]:
+    """The messages the client sent, from a trace file (a statement's text spans lines: a message starts with
+    'F' or 'B', for front or back end, and a tab)."""
+    messages = re.split(r"\n(?=[FB]\t)", path.read_text(errors="replace"))
+    return [message for message in messages if message.startswith("F\t")]
+
+
+def test_the_token_is_never_a_statement_parameter(clean, db_url, sink, tmp_path):
     committed = _enqueue(clean, 30)
     worker = Worker(settings(db_url, sink.url, "--drain"))
-    seen: list[tuple[str, object]] = []
-    sa_event.listen(worker.engine, "before_cursor_execute",
-                    lambda conn, cursor, statement, parameters, context, many: seen.append((statement, parameters)))
+    _trace_what_is_sent(worker.engine, tmp_path / "trace")
     drain(worker)
+    worker.engine.dispose()
     assert {r.insert_id for r in sink.accepted()} == set(committed)
     assert all(r.token == TOKEN for r in sink.accepted())  # the token was sent ...
-    assert any("UPDATE fp_outbox_events" in statement for statement, _ in seen)
-    for statement, parameters in seen:  # ... but never given to the database
-        assert TOKEN not in statement and TOKEN not in repr(parameters), statement
+    sent = _sent(tmp_path / "trace")
+    assert any("UPDATE fp_outbox_events" in message for message in sent), sent
+    assert not [message for message in sent if TOKEN in message]  # ... but never to the database
+
+
+def test_a_claim_and_a_settle_take_one_round_trip_each(clean, db_url, tmp_path):
+    """Each of the cycle's statements travels with the server's limits as one message, one implicit
+    transaction: no BEGIN, no COMMIT, nothing in between."""
+    _enqueue(clean, 5)
+    engine = make_engine(db_url, pool_pre_ping=False)  # as the worker's: no ping before each use
+    _trace_what_is_sent(engine, tmp_path / "trace")
+    store = Store(engine, "me", 30.0)
+    rows, _, _ = store.claim_fresh(0, 10, 1e6)
+    assert store.mark_delivered([row.id for row in rows], [200] * len(rows)) == 5
+    engine.dispose()
+    sent = _sent(tmp_path / "trace")
+    assert [message.split("\t")[2].strip() for message in sent] == ["Query", "Query", "Terminate"], sent
+    assert "set_config('statement_timeout'" in sent[0] and "FOR UPDATE SKIP LOCKED" in sent[0], sent
+    assert "set_config('statement_timeout'" in sent[1] and "SET status = 'delivered'" in sent[1], sent
 
 
 def test_a_hand_written_row_without_insert_id_is_sent_with_its_column(clean, db_url, sink):

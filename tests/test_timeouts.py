@@ -143,3 +143,42 @@ def test_every_worker_connection_has_keepalives_and_the_servers_timeouts(db_url)
     assert parameters["keepalives"] == "1" and int(parameters["tcp_user_timeout"]) > 0
     assert keepalive == 1 and user_timeout > 0
     assert outside == "0"  # set per transaction: nothing stays behind on the session (or a pooled server)
+
+
+def test_the_cycles_statements_run_under_the_servers_limits_and_leave_none_behind(clean, db_url, monkeypatch):
+    """A claim and a settle carry the limits in their own message (worker.engine.roundtrip): a claim stuck
+    behind a lock is cancelled by the server at the statement timeout (shortened here), not left to the
+    worker's deadline, and the connection goes back to the pool with nothing set on it."""
+    from sqlalchemy.orm import Session
+
+    from outbox.db import make_engine
+    from worker.engine import roundtrip, timeouts
+    from worker.engine.store import DatabaseUnavailable, Store
+
+    monkeypatch.setattr(timeouts, "_SET_LIMITS", timeouts.server_limits(0.5))
+    roundtrip.message.cache_clear()
+    engine = make_engine(db_url, pool_size=1, max_overflow=0, pool_pre_ping=False)
+    timeouts.CallDeadlines().attach(engine)  # as the worker's: had the server's limit failed, this cuts the call
+    try:
+        with Session(clean) as session:
+            outbox.enqueue(session, {"event": "E", "properties": {"distinct_id": "u"}})
+            session.commit()
+        store = Store(engine, "me", 30.0)
+        with clean.connect() as blocker:
+            blocker.execute(text("LOCK TABLE fp_outbox_events IN EXCLUSIVE MODE"))  # the claim must wait
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match="statement timeout"):
+                store.claim_fresh(0, 10, 1e6)
+            waited = time.monotonic() - started
+            blocker.rollback()
+        assert 0.5 <= waited < CALL_DEADLINE, waited
+        assert len(store.claim_fresh(0, 10, 1e6)[0]) == 1  # the same pooled connection, still usable
+        raw = engine.raw_connection()
+        try:
+            left = raw.driver_connection.execute("SELECT current_setting('statement_timeout')").fetchone()[0]
+            assert left == "0" and not raw.driver_connection.autocommit
+        finally:
+            raw.close()
+    finally:
+        engine.dispose()
+        roundtrip.message.cache_clear()

@@ -1,19 +1,20 @@
-"""The worker's side of the database: claim, settle, release and the rate limiter, with driver errors
-translated in one place into DatabaseUnavailable."""
+"""The worker's side of the database: claim, settle, release and the rate limiter, each statement a transaction
+of its own in one round trip (worker.engine.roundtrip), with driver errors translated in one place into
+DatabaseUnavailable or DatabaseRefused."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
+import psycopg
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from worker.engine import queries
 from worker.engine.floor import Snapshot
 from worker.engine.payload import event_body
+from worker.engine.roundtrip import Ran, run_alone
 
 log = logging.getLogger("fp_outbox.worker")
 
@@ -49,12 +50,15 @@ _REFUSALS = {
 }
 
 
-def translate(exc: DBAPIError) -> Exception:
-    """The project's exception for a driver error (DatabaseUnavailable, DatabaseRefused), or `exc` itself.
-    Messages carry the server's first line only: never the statement or its parameters."""
-    if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+def translate(exc: DBAPIError | psycopg.Error) -> Exception:
+    """The project's exception for a driver error, SQLAlchemy's or psycopg's own (DatabaseUnavailable,
+    DatabaseRefused), or `exc` itself. Messages carry the server's first line only: never the statement or
+    its parameters."""
+    driver = getattr(exc, "orig", None) or exc
+    if (isinstance(exc, OperationalError | InterfaceError) or getattr(exc, "connection_invalidated", False)
+            or isinstance(driver, psycopg.OperationalError | psycopg.InterfaceError)):
         return DatabaseUnavailable(_describe(exc))
-    refusal = _REFUSALS.get(getattr(exc.orig, "sqlstate", None) or "")
+    refusal = _REFUSALS.get(getattr(driver, "sqlstate", None) or "")
     if refusal:
         return DatabaseRefused(refusal[1].format(reason=_describe(exc)), refusal[0])
     return exc
@@ -96,19 +100,6 @@ class Grant:
         return cls(0, 0.0, 0.0)
 
 
-@contextlib.contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
-    """A short transaction; driver errors become DatabaseUnavailable or DatabaseRefused (translate)."""
-    try:
-        with engine.begin() as conn:
-            yield conn
-    except DBAPIError as exc:
-        translated = translate(exc)
-        if translated is exc:
-            raise
-        raise translated from exc
-
-
 class Store:
     """Named operations of the queue cycle for one worker (its lease owner id)."""
 
@@ -130,12 +121,10 @@ class Store:
 
     def first_floor(self) -> int:
         """Where a new worker's floor starts: below the oldest due pending row, else at the head."""
-        with transaction(self.engine) as conn:
-            return int(conn.execute(queries.FIRST_FLOOR).scalar_one())
+        return int(self._run(queries.FIRST_FLOOR, {}).rows[0].floor)
 
     def _claim(self, statement, params: dict) -> list:
-        with transaction(self.engine) as conn:
-            return conn.execute(statement, {"owner": self.owner, "lease_s": self.lease_seconds, **params}).all()
+        return self._run(statement, {"owner": self.owner, "lease_s": self.lease_seconds, **params}).rows
 
     def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
         return self._update(queries.MARK_DELIVERED, ids=ids, statuses=statuses)
@@ -150,28 +139,35 @@ class Store:
         return self._update(queries.RELEASE, ids=ids)
 
     def anything_unfinished(self) -> bool:
-        with transaction(self.engine) as conn:
-            return bool(conn.execute(queries.ANY_UNFINISHED).scalar())
+        return bool(self._run(queries.ANY_UNFINISHED, {}).rows[0].exists)
 
     def acquire_permits(self, count: int, rate: float) -> Grant:
         """Reserve `count` requests of the shared budget (re-sends); wait its wait_s before sending."""
-        with transaction(self.engine) as conn:
-            return _grant(conn, count, rate)
+        row = self._run(queries.ACQUIRE_PERMITS, {"span_s": count / rate}).rows[0]
+        return Grant(count, row.starts_at, row.wait_s)
 
     def pause_all(self, seconds: float) -> tuple[float, float]:
         """No worker may start a request for `seconds` (a 429); returns (set_at, until), epoch seconds."""
-        with transaction(self.engine) as conn:
-            row = conn.execute(queries.PAUSE_ALL, {"pause_s": seconds}).one()
+        row = self._run(queries.PAUSE_ALL, {"pause_s": seconds}).rows[0]
         return row.set_at, row.until
 
     def _update(self, statement, **params) -> int:
         if not params["ids"]:
             return 0
         try:
-            with transaction(self.engine) as conn:
-                return conn.execute(statement, {"owner": self.owner, **params}).rowcount
-        except (DBAPIError, StatementError, UnicodeError) as exc:  # a lost connection is DatabaseUnavailable
+            return self._run(statement, {"owner": self.owner, **params}).rowcount
+        except (psycopg.Error, UnicodeError) as exc:  # a lost connection is DatabaseUnavailable, raised as such
             raise StatementRefused(_describe(exc)) from exc
+
+    def _run(self, statement, params: dict) -> Ran:
+        """One statement, a transaction of its own in one round trip; driver errors translated (translate)."""
+        try:
+            return run_alone(self.engine, statement, params)
+        except psycopg.Error as exc:
+            translated = translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
 
 
 def _claimed(rows: list) -> list[Claimed]:
@@ -181,11 +177,6 @@ def _claimed(rows: list) -> list[Claimed]:
 def _grant_of(rows: list) -> Grant:
     first = rows[0]
     return Grant.none() if first.id is None else Grant(len(rows), first.starts_at, first.wait_s)
-
-
-def _grant(conn: Connection, count: int, rate: float) -> Grant:
-    row = conn.execute(queries.ACQUIRE_PERMITS, {"span_s": count / rate}).one()
-    return Grant(count, row.starts_at, row.wait_s)
 
 
 def status_counts(engine: Engine) -> dict[str, float | int | None]:

@@ -2,9 +2,10 @@
 and the worker's own deadline, which holds even when the network swallows packets without a word.
 
 The server's: `statement_timeout` and `idle_in_transaction_session_timeout` (a transaction whose client
-vanished must not keep its row locks), set per transaction with set_config(..., true) (never a session setting or the `options` startup parameter, which PgBouncer's transaction pooling
-does not allow). One round trip per transaction, about 0.1 ms here; the claim and settle transactions
-serve a batch of events each, so it is paid per batch, never per event.
+vanished must not keep its row locks), set per transaction with set_config(..., true) (never a session
+setting or the `options` startup parameter, which PgBouncer's transaction pooling does not allow). The
+cycle's statements carry them in the same message (with_server_limits, worker.engine.roundtrip); every
+other transaction of the engine gets them at its start, in a round trip of their own.
 
 The worker's own: a watch thread that shuts down the socket of any pooled connection held longer than
 CALL_DEADLINE. TCP keepalives and tcp_user_timeout (outbox.db) catch a dead peer on an idle connection or
@@ -34,8 +35,16 @@ from worker.engine.logs import log
 STATEMENT_TIMEOUT = 5.0  # seconds: any of the worker's statements takes milliseconds
 CALL_DEADLINE = STATEMENT_TIMEOUT + 2.0  # seconds a connection may be held: the server's limit comes first
 WATCH_EVERY = 0.25  # seconds between the watch's looks at the connections in use
-_SET_LIMITS = (f"SELECT set_config('statement_timeout', '{int(STATEMENT_TIMEOUT * 1000)}', true), "
-               f"set_config('idle_in_transaction_session_timeout', '{int(STATEMENT_TIMEOUT * 1000)}', true)")
+
+
+def server_limits(seconds: float) -> str:
+    """The statement that sets the server's limits to `seconds` for the rest of its transaction."""
+    ms = int(seconds * 1000)
+    return (f"SELECT set_config('statement_timeout', '{ms}', true) AS statement_timeout, "
+            f"set_config('idle_in_transaction_session_timeout', '{ms}', true) AS idle_in_transaction_session_timeout")
+
+
+_SET_LIMITS = server_limits(STATEMENT_TIMEOUT)
 
 
 class CallDeadlines:
@@ -89,6 +98,12 @@ def _set_server_limits(conn: Connection) -> None:
     # SQLAlchemy runs this inside begin() without beginning again; the driver sends BEGIN before it. Its
     # errors are SQLAlchemy's like any statement's (a cut connection is invalidated, then translated).
     conn.exec_driver_sql(_SET_LIMITS)
+
+
+def with_server_limits(statement: str) -> str:
+    """`statement` preceded by the server's limits, for one simple-query message (worker.engine.roundtrip): the
+    server runs both as one implicit transaction, and starts the statement's timeout as the statement starts."""
+    return f"{_SET_LIMITS};\n{statement}"
 
 
 def _cut(dbapi_connection, deadline: float) -> None:
