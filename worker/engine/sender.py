@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Callable
 
-from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, wait_exponential, wait_random
 
 from outbox import __version__
 from worker.engine.payload import Unsendable
@@ -35,7 +35,8 @@ class Sender:
         self._token = settings.token
         self._take_permit = take_permit
         self._request_deadline = settings.request_deadline
-        self._inline_wait = wait_exponential_jitter(initial=0.1, max=INLINE_WAIT_CAP)
+        # 0.1 s, 0.2 s, 0.4 s ... plus up to 0.1 s of jitter, never over INLINE_WAIT_CAP (the lease counts on it).
+        self._inline_wait = wait_exponential(multiplier=0.1, max=INLINE_WAIT_CAP - 0.1) + wait_random(0, 0.1)
         self._attempts = settings.inline_attempts
         self._transport = transport or Transport(settings.endpoint, settings.connect_timeout, settings.read_timeout,
                                                  settings.concurrency, f"fp-outbox/{__version__}")
