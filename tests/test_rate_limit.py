@@ -87,21 +87,25 @@ def _join(running, timeout: float) -> None:
         worker.engine.dispose()
 
 
+def assert_the_limit_held(running, sink, committed: list[str], limit: float) -> None:
+    """Every committed event arrived; the slices granted, all workers together, put at most `limit` request
+    starts in any one-second window; no request arrived before its slice began; and the backlog took its time."""
+    assert {r.insert_id for r in sink.accepted()} == set(committed)
+    grants = [g for _, recorder, _ in running for g in recorder.grants]
+    assert sum(grant.count for grant, _ in grants) == len(sink.received())
+    assert busiest_window([g.starts_at for g, _ in grants], [g.count for g, _ in grants]) <= limit
+    started = {insert_id: grant.starts_at for grant, ids in grants for insert_id in ids}
+    assert all(r.arrived_at >= started[r.insert_id] - CLOCK_SLOP for r in sink.received())
+    arrivals = [r.arrived_at for r in sink.received()]
+    assert max(arrivals) - min(arrivals) >= len(arrivals) / limit - 1  # it really was throttled
+
+
 def test_four_workers_start_no_more_than_the_limit_in_any_second(clean, db_url, sink):
     limit = 300
     committed = _enqueue(clean, 1800)
     running = _workers(db_url, sink, 4, "--drain", "--rate-limit", str(limit))
     _join(running, 120)
-    assert {r.insert_id for r in sink.accepted()} == set(committed)
-    grants = [g for _, recorder, _ in running for g in recorder.grants]
-    assert sum(grant.count for grant, _ in grants) == len(sink.received())
-    # The schedule: at most the limit in any one-second window of slice starts, all workers together.
-    assert busiest_window([g.starts_at for g, _ in grants], [g.count for g, _ in grants]) <= limit
-    # And no request began before its slice: each arrived after its slice started.
-    started = {insert_id: grant.starts_at for grant, ids in grants for insert_id in ids}
-    assert all(r.arrived_at >= started[r.insert_id] - CLOCK_SLOP for r in sink.received())
-    arrivals = [r.arrived_at for r in sink.received()]
-    assert max(arrivals) - min(arrivals) >= len(arrivals) / limit - 1  # it really was throttled
+    assert_the_limit_held(running, sink, committed, limit)
 
 
 def test_slices_from_concurrent_takers_never_overlap(clean, engine):
