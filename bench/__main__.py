@@ -254,6 +254,8 @@ def main() -> int:
     parser.add_argument("--churn-rate", type=float, default=5000.0, help="churn: events enqueued per second")
     parser.add_argument("--app-processes", type=int, default=8,
                         help="concurrency: application processes sending wake-ups (each at most 1/WAKE_INTERVAL)")
+    parser.add_argument("--protocol", choices=["extended", "prepared"], default="extended",
+                        help="concurrency: pgbench's query mode for the business transactions and the wake-ups")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="concurrency: idle worker measured this long")
     args = parser.parse_args()
     with _database(args) as url:

@@ -1,11 +1,14 @@
 """python -m bench concurrency: what enqueue costs the application's own commits.
 
 pgbench replays a business transaction (an order insert, then the event) with exactly the statement text
-`enqueue` sends (outbox.statements.INSERT_ONE, extended protocol, as psycopg sends it), at 32 connections and
+`enqueue` sends (outbox.statements.INSERT_ONE, in the extended protocol: parsed and planned at every execution,
+as psycopg sends a statement its first five times on a connection and always with prepare_threshold=None,
+behind PgBouncer; `--protocol prepared` for psycopg's prepared statements after that), at 32 connections and
 at 1, against the same transaction inserting the same values into a plain table. While the outbox variant
 runs, a second pgbench sends the after-commit wake-ups at the most the waker allows (`1 / WAKE_INTERVAL` per
-application process) for a stated number of processes, and a LISTEN connection takes them, as an idle worker
-would. Then an idle worker's own cost: its statements per second while nothing is due.
+application process) for a stated number of processes, never more than there are connections (a connection
+belongs to one process), and a LISTEN connection takes them, as an idle worker would. Then an idle worker's
+own cost: its database calls and commits per second while nothing is due.
 """
 
 from __future__ import annotations
@@ -55,9 +58,10 @@ def bench_concurrency(engine, url: str, args) -> dict:
         conn.execute(text(ORDERS_TABLE))
     insert_id, name, payload = prepare(event(1))
     defines = [f"insert_id={insert_id}", f"event_name={name}", f"payload={payload}"]
-    figures: dict = {"statement": INSERT_ONE.sqlalchemy.text, "seconds_per_run": args.seconds,
-                     "wakeup_processes": args.app_processes,
-                     "wakeups_per_s": round(args.app_processes / WAKE_INTERVAL)}
+    figures: dict = {"statement": INSERT_ONE.sqlalchemy.text, "protocol": args.protocol, "seconds_per_run": args.seconds,
+                     "wakeup_processes_at_32": min(args.app_processes, 32),
+                     "wakeups_per_s_at_32": round(min(args.app_processes, 32) / WAKE_INTERVAL),
+                     "wakeups_per_s_at_1": round(1 / WAKE_INTERVAL)}
     with tempfile.TemporaryDirectory() as scratch, _listening(libpq) as listener:
         scripts = {kind: Path(scratch, f"{kind}.sql") for kind in ("plain", "outbox", "wake")}
         scripts["plain"].write_text(business_script(PLAIN_INSERT))
@@ -90,15 +94,15 @@ def _compare(engine, pgbench: str, url: str, scripts: dict, clients: int, define
 
 def _run(pgbench: str, url: str, scripts: dict, kind: str, clients: int, defines: list[str], args) -> float:
     """One pgbench run of `kind`; with the outbox, the wake-ups run beside it for the same time."""
-    common = [pgbench, "-n", "-M", "extended", "-T", str(args.seconds)]
+    common = [pgbench, "-n", "-M", args.protocol, "-T", str(args.seconds)]
     script = scripts["outbox" if kind == "outbox_no_wakeups" else kind]
     cmd = [*common, "-c", str(clients), "-j", str(min(clients, 2)), "-f", str(script)]
     for define in defines:
         cmd += ["-D", define]
     waker = None
     if kind == "outbox":
-        rate = args.app_processes / WAKE_INTERVAL
-        waker = subprocess.Popen([*common, "-c", str(args.app_processes), "-j", "1", "-R", str(rate),
+        processes = min(args.app_processes, clients)  # each connection belongs to one application process
+        waker = subprocess.Popen([*common, "-c", str(processes), "-j", "1", "-R", str(processes / WAKE_INTERVAL),
                                   "-f", str(scripts["wake"]), url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True)
     out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=args.seconds * 4 + 60)
@@ -143,15 +147,16 @@ class _listening:
 
 
 def idle_worker_statements(engine, url: str, args) -> dict:
-    """An idle worker's statements per second while nothing is due: counted in process (every statement the
-    worker's engine sends) and, for a real worker process, from pg_stat_database's commit count."""
+    """An idle worker's database calls per second while nothing is due: counted in process (every checkout of
+    the worker engine's pool is one transaction: the cycle's one-message calls, or BEGIN, the server's limits,
+    one statement and COMMIT for the others) and, for a real worker process, pg_stat_database's commits."""
     from worker.engine import Worker, build_parser, from_args
 
     settings = from_args(build_parser().parse_args(
         ["--database-url", url, "--endpoint", "http://127.0.0.1:9/track", "--token", "bench"]), environ={})
     worker = Worker(settings)
     count = [0]
-    sa_event.listen(worker.engine, "before_cursor_execute", lambda *a: count.__setitem__(0, count[0] + 1))
+    sa_event.listen(worker.engine, "checkout", lambda *a: count.__setitem__(0, count[0] + 1))
     runner = threading.Thread(target=worker.run, daemon=True)
     runner.start()
     time.sleep(3)  # past start-up
@@ -160,7 +165,7 @@ def idle_worker_statements(engine, url: str, args) -> dict:
     in_process = (count[0] - before) / (time.perf_counter() - started)
     worker.stop()
     runner.join(30)
-    return {"idle_worker_statements_per_s": round(in_process, 2),
+    return {"idle_worker_database_calls_per_s": round(in_process, 2),
             "idle_worker_process_commits_per_s": round(_process_commits_per_s(engine, url, args), 2)}
 
 
