@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import uuid
 
 import pytest
@@ -39,14 +40,14 @@ def db(clean, orders_table):
 
 
 @contextlib.contextmanager
-def statements(engine):
-    """Record every statement sent to the server while the block runs, but the workers' wake-ups:
-    those run after some earlier commit, on a pooled connection of their own, whenever they are due."""
-    seen: list[str] = []
+def statements(engine, with_parameters: bool = False):
+    """Record every statement sent to the server while the block runs (with its parameters, if asked), but
+    the workers' wake-ups: those run after a commit, on a pooled connection of their own, whenever due."""
+    seen: list = []
 
     def record(conn, cursor, statement, parameters, context, executemany):
         if statement != WAKE_SQL:
-            seen.append(statement)
+            seen.append((statement, parameters) if with_parameters else statement)
 
     sa_event.listen(engine, "before_cursor_execute", record)
     try:
@@ -217,19 +218,11 @@ FIXED = purchase(city="Zürich", note="€" * 10, **{"$insert_id": "fixed-1", "t
 
 
 def test_the_payload_inserted_is_the_text_validation_measured(db):
-    sent: list = []
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        sent.append(parameters)
-
-    sa_event.listen(db, "before_cursor_execute", record)
-    try:
-        with Session(db) as session:
-            outbox.enqueue(session, FIXED)
-            session.commit()
-    finally:
-        sa_event.remove(db, "before_cursor_execute", record)
-    [parameters] = sent
+    with statements(db, with_parameters=True) as sent, Session(db) as session:
+        outbox.enqueue(session, FIXED)
+        session.commit()
+        time.sleep(0.1)  # the commit's wake-up goes meanwhile, on the waker's thread: it must not count
+    [(_, parameters)] = sent
     assert parameters["payload"] == prepare(FIXED)[2]
 
 
