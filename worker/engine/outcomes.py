@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker.engine.policy import Dead, Delivered, Outcome, Retry
+from worker.engine.policy import Dead, Delivered, Outcome, Retry, without_surrogates
 from worker.engine.settings import Settings
 from worker.engine.store import Claimed, DatabaseUnavailable, StatementRefused, Store
 
@@ -17,11 +17,7 @@ REPLACEMENT = "\ufffd"
 def storable(text: str) -> str:
     """`text` as PostgreSQL can store it: NUL characters and lone surrogates (which UTF-8 cannot encode)
     replaced by U+FFFD."""
-    if "\x00" in text:
-        text = text.replace("\x00", REPLACEMENT)
-    if any("\ud800" <= char <= "\udfff" for char in text):
-        text = "".join(REPLACEMENT if "\ud800" <= char <= "\udfff" else char for char in text)
-    return text
+    return without_surrogates(text.replace("\x00", REPLACEMENT))
 
 
 @dataclass

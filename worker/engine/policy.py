@@ -93,9 +93,14 @@ def excerpt_of(body: bytes | str, secrets: tuple[str, ...] = (), truncated: bool
     if truncated and longest:
         text = text[: max(0, len(text) - longest + 1)]  # what was read may end inside a token: drop that tail
     text = redact(text, secrets)
-    text = _SURROGATE.sub("\ufffd", text.replace("\x00", "\\0"))
+    text = without_surrogates(text.replace("\x00", "\\0"))
     text = " ".join(_UNPRINTABLE.sub(" ", text).split())
     return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+
+
+def without_surrogates(text: str) -> str:
+    """`text` with every surrogate code point (which UTF-8, and so PostgreSQL, cannot store) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
