@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import NullPool
 
 from outbox.schema import VERSION_TABLE
 
@@ -86,8 +87,16 @@ def alembic_config(url: URL):
     return config
 
 
-def upgrade(url: URL, revision: str = "head") -> None:
-    """Create or upgrade the outbox schema to `revision`."""
+def upgrade(url: URL, revision: str = "head") -> str | None:
+    """Create or upgrade the outbox schema to `revision`; returns the revision the database is at after it
+    (an upgrade to a revision the schema is already past changes nothing)."""
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
 
     command.upgrade(alembic_config(url), revision)
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    finally:
+        engine.dispose()

@@ -327,6 +327,23 @@ def test_missing_schema_says_to_migrate(server_url, capsys):
     assert code == 5 and "run `fp-outbox migrate`" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("revision, named", [("nosuch", "nosuch"), ("0002", "0002")],
+                         ids=["unknown revision", "older than the schema"])
+def test_a_revision_migrate_cannot_reach_is_one_sentence_and_changes_nothing(db_url, capsys, revision, named):
+    code = main(["migrate", "--database-url", url_string(db_url), "--revision", revision])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "--revision" in err and "Traceback" not in err, err
+    assert main(["status", "--json", "--database-url", url_string(db_url)]) == 0  # the schema is as it was
+
+
+def test_migrate_embedded_migrates_once_to_the_revision_asked(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("pgserver")
+    monkeypatch.setenv("FP_OUTBOX_EMBEDDED_DIR", str(tmp_path / "pgdata"))
+    code = main(["migrate", "--embedded", "--revision", "0002"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "schema at 0002" in out, err
+
 # -- the operator's round trip ---------------------------------------------------------------------
 
 def test_dead_after_a_400_then_requeued_and_delivered_with_the_same_insert_id(clean, db_url, sink, workers, fp):

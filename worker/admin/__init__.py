@@ -73,6 +73,6 @@ def _embedded_if_asked(args: argparse.Namespace) -> Iterator[None]:
         return
     from worker.devtools.embedded import database_flag
 
-    with database_flag(args) as url:
+    with database_flag(args, migrate=args.command != "migrate") as url:
         args.database_url = url
         yield

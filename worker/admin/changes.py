@@ -14,7 +14,7 @@ from worker.admin.arguments import (add_confirmation, add_database_flags, add_de
                                     dead_params, duration_arg)
 from worker.admin.confirm import confirm
 from worker.admin.database import CommandError, connected, translated_errors
-from worker.engine import format_duration, purge_dead, purge_delivered
+from worker.engine import format_duration, logs, purge_dead, purge_delivered
 
 
 def add_migrate(commands) -> None:
@@ -54,9 +54,18 @@ def add_purge(commands) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from alembic.util import CommandError as RevisionError  # alembic's word for a revision it cannot reach
+
     url = database_url(args.database_url)
-    with translated_errors():  # e.g. a role that does not own the tables: exit 4, naming the grant
-        upgrade(url, args.revision)
+    try:
+        with translated_errors():  # e.g. a role that does not own the tables: exit 4, naming the grant
+            reached = upgrade(url, args.revision)
+    except RevisionError as exc:
+        raise CommandError(f"cannot migrate to --revision {args.revision} ({logs.first_line(exc)}); migrate only "
+                           "upgrades, to a revision this package ships (head, the default)", 2) from None
+    if args.revision.isalnum() and args.revision != "head" and not (reached or "").startswith(args.revision):
+        raise CommandError(f"the schema is at {reached}, past --revision {args.revision}, and stays there: migrate "
+                           "only upgrades", 2)
     print(f"fp-outbox: schema at {args.revision} on {url.render_as_string(hide_password=True)}")
     return 0
 

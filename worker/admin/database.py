@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from outbox.db import database_url, make_engine
-from worker.engine import DatabaseRefused, DatabaseUnavailable, translate
+from worker.engine import DatabaseRefused, DatabaseUnavailable, logs, translate
 
 
 class CommandError(Exception):
@@ -51,7 +51,5 @@ def _translate(exc: DBAPIError) -> CommandError:
     if isinstance(translated, DatabaseUnavailable):
         return CommandError(f"could not use the database ({translated}); check --database-url (or "
                             "FP_OUTBOX_DATABASE_URL) and that PostgreSQL is running, then try again")
-    lines = str(exc.orig).strip().splitlines()
-    reason = lines[0] if lines else exc.orig.__class__.__name__
-    return CommandError(f"the database refused the statement ({reason}); is the schema current? "
+    return CommandError(f"the database refused the statement ({logs.first_line(exc.orig)}); is the schema current? "
                         "run `fp-outbox migrate`")

@@ -23,8 +23,8 @@ def default_data_dir() -> Path:
 
 
 @contextlib.contextmanager
-def embedded_database(data_dir: Path | None = None, *, delete: bool = False) -> Iterator[URL]:
-    """Start (or join) the embedded server on `data_dir`, migrate it, yield its URL, stop it after.
+def embedded_database(data_dir: Path | None = None, *, delete: bool = False, migrate: bool = True) -> Iterator[URL]:
+    """Start (or join) the embedded server on `data_dir`, migrate it (unless not to), yield its URL, stop it after.
 
     Several processes may share one data folder; the server stops when the last of them leaves.
     With `delete`, the folder is removed too.
@@ -44,19 +44,21 @@ def embedded_database(data_dir: Path | None = None, *, delete: bool = False) -> 
         server = pgserver.get_server(folder, cleanup_mode="delete" if delete else "stop")
     try:
         url = normalise_url(server.get_uri())
-        upgrade(url)
+        if migrate:
+            upgrade(url)
         yield url
     finally:
         server.cleanup()
 
 
 @contextlib.contextmanager
-def database_flag(args) -> Iterator[str | None]:
-    """The --database-url to use: as given, or the embedded server's while it runs (with --embedded)."""
+def database_flag(args, migrate: bool = True) -> Iterator[str | None]:
+    """The --database-url to use: as given, or the embedded server's while it runs (with --embedded), migrated
+    to head unless not to (`fp-outbox migrate` migrates it itself, to the revision asked)."""
     if not getattr(args, "embedded", False):
         yield args.database_url
         return
     if args.database_url:
         raise ConfigError("--embedded and --database-url exclude each other; pass one of them")
-    with embedded_database() as url:
+    with embedded_database(migrate=migrate) as url:
         yield url.render_as_string(hide_password=False)
