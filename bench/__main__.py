@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 import outbox
 from bench import drain, rate
-from bench.common import empty_outbox
+from bench.common import empty_outbox, report
 from bench.common import event as _event
 from bench.common import fresh_backlog as _fresh_backlog
 from bench.churn import bench_churn
@@ -32,7 +32,6 @@ from bench.horizon import bench_horizon
 from outbox.db import make_engine, normalise_url, upgrade
 from worker.devtools.sink import Sink
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def bench_enqueue(engine, args) -> dict:
@@ -256,26 +255,24 @@ def main() -> int:
                         help="concurrency: application processes sending wake-ups (each at most 1/WAKE_INTERVAL)")
     parser.add_argument("--protocol", choices=["extended", "prepared"], default="extended",
                         help="concurrency: pgbench's query mode for the business transactions and the wake-ups")
+    parser.add_argument("--anatomy", action="store_true",
+                        help="concurrency: also time copies of the outbox table without its check and indexes")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="concurrency: idle worker measured this long")
     args = parser.parse_args()
     with _database(args) as url:
         engine = make_engine(url)
         plain = url.render_as_string(hide_password=False)
-        figures = {"enqueue": lambda: bench_enqueue(engine, args), "drain": lambda: drain.bench_drain(engine, plain, args, _fresh_backlog),
+        figures = {"enqueue": lambda: bench_enqueue(engine, args), "drain": lambda: drain.bench_drain(engine, plain, args),
                    "faults": lambda: bench_faults(engine, plain, args),
                    "latency": lambda: bench_latency(engine, plain, args),
-                   "rate": lambda: rate.bench_rate(engine, plain, args, _fresh_backlog),
+                   "rate": lambda: rate.bench_rate(engine, plain, args),
                    "growth": lambda: bench_growth(engine, plain, args),
                    "cycle": lambda: bench_cycle(engine, plain, args),
                    "concurrency": lambda: bench_concurrency(engine, plain, args),
                    "horizon": lambda: bench_horizon(engine, plain, args),
                    "churn": lambda: bench_churn(engine, plain, args)}[args.which]()
         engine.dispose()
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.which}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    report(args.which, figures)
     return 0
 
 

@@ -4,7 +4,6 @@ the one-second-window count, and printing and saving a benchmark's figures."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from sqlalchemy import text
@@ -71,7 +70,3 @@ def report(name: str, figures: dict) -> None:
         print(f"{key:<{width}}  {value}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
-
-
-def elapsed_since(started: float) -> float:
-    return time.perf_counter() - started

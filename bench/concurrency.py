@@ -8,7 +8,9 @@ at 1, against the same transaction inserting the same values into a plain table.
 runs, a second pgbench sends the after-commit wake-ups at the most the waker allows (`1 / WAKE_INTERVAL` per
 application process) for a stated number of processes, never more than there are connections (a connection
 belongs to one process), and a LISTEN connection takes them, as an idle worker would. Then an idle worker's
-own cost: its database calls and commits per second while nothing is due.
+own cost: its database calls and commits per second while nothing is due. With --anatomy, where the rest of
+enqueue's cost goes: the same transaction into copies of the outbox table, each without one more of its
+status check, its dead rows' index and its due index.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
 from bench.common import event
+from outbox.schema import NOTIFY_CHANNEL
 from outbox.statements import INSERT_ONE
 from outbox.validation import prepare
 from outbox.wake import WAKE_INTERVAL, WAKE_SQL
@@ -38,8 +41,14 @@ ORDERS_TABLE = """CREATE TABLE IF NOT EXISTS bench_orders (
     id bigserial PRIMARY KEY, customer_id integer NOT NULL, amount integer NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now())"""
 ORDER_INSERT = "INSERT INTO bench_orders (customer_id, amount) VALUES (:customer_id, 500);"
-PLAIN_INSERT = ("INSERT INTO bench_plain_events (insert_id, event_name, payload)"
-                " VALUES (:insert_id, :event_name, CAST(:payload AS json));")
+
+
+def insert_into(table: str) -> str:
+    """enqueue's own statement (INSERT_ONE), into `table`, as a line of a pgbench script."""
+    return INSERT_ONE.sqlalchemy.text.replace("fp_outbox_events", table) + ";"
+
+
+PLAIN_INSERT = insert_into("bench_plain_events")
 
 
 def business_script(event_insert: str) -> str:
@@ -65,11 +74,13 @@ def bench_concurrency(engine, url: str, args) -> dict:
     with tempfile.TemporaryDirectory() as scratch, _listening(libpq) as listener:
         scripts = {kind: Path(scratch, f"{kind}.sql") for kind in ("plain", "outbox", "wake")}
         scripts["plain"].write_text(business_script(PLAIN_INSERT))
-        scripts["outbox"].write_text(business_script(INSERT_ONE.sqlalchemy.text + ";"))
+        scripts["outbox"].write_text(business_script(insert_into("fp_outbox_events")))
         scripts["wake"].write_text(WAKE_SQL + ";\n")
         for clients in (32, 1):
             figures.update(_compare(engine, pgbench, libpq, scripts, clients, defines, args))
         figures["wakeups_received_by_listener"] = listener.received
+        if args.anatomy:
+            figures.update(anatomy(engine, pgbench, libpq, scratch, defines, args))
     _truncate(engine)
     figures.update(idle_worker_statements(engine, url, args))
     return figures
@@ -77,12 +88,9 @@ def bench_concurrency(engine, url: str, args) -> dict:
 
 def _compare(engine, pgbench: str, url: str, scripts: dict, clients: int, defines: list[str], args) -> dict:
     """Commit rates at `clients` connections: plain, enqueue with its wake-ups, and enqueue alone (to show
-    what each part costs), interleaved round after round so drift hits all alike; medians."""
-    rates: dict[str, list[float]] = {"plain": [], "outbox": [], "outbox_no_wakeups": []}
-    for _round in range(args.rounds):
-        for kind in rates:
-            _truncate(engine)
-            rates[kind].append(_run(pgbench, url, scripts, kind, clients, defines, args))
+    what each part costs)."""
+    rates = _interleaved(engine, pgbench, url, scripts, ["plain", "outbox", "outbox_no_wakeups"], clients, defines,
+                         args)
     plain, ours, alone = (statistics.median(rates[kind]) for kind in rates)
     print(f"  {clients} connection(s): plain {plain:.0f}/s, enqueue {ours:.0f}/s"
           f" (without the wake-ups {alone:.0f}/s)", flush=True)
@@ -90,6 +98,59 @@ def _compare(engine, pgbench: str, url: str, scripts: dict, clients: int, define
             f"c{clients}_enqueue_vs_plain": round(ours / plain, 3),
             f"c{clients}_enqueue_without_wakeups_vs_plain": round(alone / plain, 3),
             f"c{clients}_runs": {k: [round(v) for v in vs] for k, vs in rates.items()}}
+
+
+def _interleaved(engine, pgbench: str, url: str, scripts: dict, kinds: list[str], clients: int,
+                 defines: list[str], args, tables: tuple[str, ...] = ()) -> dict[str, list[float]]:
+    """Each kind's commit rates, run after run, interleaved round after round so drift hits all alike."""
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for _round in range(args.rounds):
+        for kind in kinds:
+            _truncate(engine, tables)
+            rates[kind].append(_run(pgbench, url, scripts, kind, clients, defines, args))
+    return rates
+
+
+# --anatomy: copies of the outbox table, each without one more of what an insert into it pays for.
+ANATOMY = {
+    "copy": [],
+    "no_check": ["ALTER TABLE {t} DROP CONSTRAINT fp_outbox_events_status_check"],
+    "no_check_no_dead_index": ["ALTER TABLE {t} DROP CONSTRAINT fp_outbox_events_status_check",
+                               "DROP INDEX {dead_index}"],
+    "primary_key_only": ["ALTER TABLE {t} DROP CONSTRAINT fp_outbox_events_status_check",
+                         "DROP INDEX {dead_index}", "DROP INDEX {due_index}"],
+}
+
+
+def anatomy(engine, pgbench: str, url: str, scratch: str, defines: list[str], args) -> dict:
+    """Where enqueue's cost against the plain table goes: commit rates (no wake-ups) of the same transaction
+    into each copy of the table in ANATOMY, against the plain table, at 32 and 1 connections."""
+    scripts = {"plain": Path(scratch, "plain.sql")}
+    with engine.begin() as conn:
+        for name, changes in ANATOMY.items():
+            table = f"bench_anatomy_{name}"
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+            conn.execute(text(f"CREATE TABLE {table} (LIKE fp_outbox_events INCLUDING ALL)"))
+            indexes = dict(conn.execute(text(
+                "SELECT CASE WHEN indexdef LIKE '%(dead_at)%' THEN 'dead_index' ELSE 'due_index' END, indexname"
+                " FROM pg_indexes WHERE tablename = :t AND indexname NOT LIKE '%pkey'"), {"t": table}).all())
+            for change in changes:
+                conn.execute(text(change.format(t=table, **indexes)))
+            scripts[name] = Path(scratch, f"{table}.sql")
+            scripts[name].write_text(business_script(insert_into(table)))
+    tables = tuple(f"bench_anatomy_{name}" for name in ANATOMY)
+    figures = {}
+    try:
+        for clients in (32, 1):
+            rates = _interleaved(engine, pgbench, url, scripts, list(scripts), clients, defines, args, tables)
+            plain = statistics.median(rates["plain"])
+            ratios = {name: round(statistics.median(rates[name]) / plain, 3) for name in ANATOMY}
+            print(f"  anatomy, {clients} connection(s), against the plain table: {ratios}", flush=True)
+            figures[f"anatomy_c{clients}_vs_plain"] = ratios
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS " + ", ".join(tables)))
+    return figures
 
 
 def _run(pgbench: str, url: str, scripts: dict, kind: str, clients: int, defines: list[str], args) -> float:
@@ -114,9 +175,9 @@ def _run(pgbench: str, url: str, scripts: dict, kind: str, clients: int, defines
     return float(match.group(1))
 
 
-def _truncate(engine) -> None:
+def _truncate(engine, tables: tuple[str, ...] = ()) -> None:
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events, bench_plain_events, bench_orders"))
+        conn.execute(text("TRUNCATE " + ", ".join(("fp_outbox_events", "bench_plain_events", "bench_orders", *tables))))
     with engine.connect() as conn:  # each run starts from the same clean state
         conn.execute(text("CHECKPOINT"))
 
@@ -140,7 +201,7 @@ class _listening:
 
     def _listen(self) -> None:
         with psycopg.connect(self._url, autocommit=True) as conn:
-            conn.execute("LISTEN fp_outbox")
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             while not self._stop.is_set():
                 for _ in conn.notifies(timeout=0.2):
                     self.received += 1

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.devtools.fast_receiver import ReceiverProcess
+from bench.common import fresh_backlog
+from worker.devtools.fast_receiver import ReceiverProcess, process_cpu_seconds
 
 BARE_SENDERS = ("session", "adapter", "urllib3", "http.client")
 SAMPLE_EVERY = 0.05
@@ -31,16 +32,6 @@ class Sample:
     excluded: float  # CPU seconds of the receiver and of this process
     received: int
     attributed: float  # CPU seconds of the sender's process and of its database's backends alone
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of one process (all its threads), from /proc/PID/stat; 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 class Attribution:
@@ -109,7 +100,7 @@ def worker_command(url: str, receiver: ReceiverProcess, concurrency: int) -> lis
             "--token", "bench-token", "--drain", "--concurrency", str(concurrency), "--retain-delivered", "off"]
 
 
-def bench_drain(engine, url: str, args, fresh_backlog) -> dict:
+def bench_drain(engine, url: str, args) -> dict:
     """The worker and each bare sender, `args.rounds` times, interleaved; the median of each figure."""
     runs: dict[str, list[dict]] = collections.defaultdict(list)
     with ReceiverProcess() as receiver:

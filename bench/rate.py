@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 
+from bench.common import busiest_window, fresh_backlog
 from bench.drain import machine_busy_seconds
 from worker.devtools.fast_receiver import ReceiverProcess
 
 
-def bench_rate(engine, url: str, args, fresh_backlog) -> dict:
+def bench_rate(engine, url: str, args) -> dict:
     """Drain a backlog with `args.workers` workers sharing `args.rate_limit`."""
     fresh_backlog(engine, args.events)
     with ReceiverProcess() as receiver:
@@ -23,11 +24,7 @@ def bench_rate(engine, url: str, args, fresh_backlog) -> dict:
             assert proc.wait(1800) == 0
         busy = machine_busy_seconds() - busy_before
         times = receiver.arrivals()
-    most, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= 1.0:
-            start += 1
-        most = max(most, end - start + 1)
+    most = busiest_window(times)
     steady = [t for t in times if times[0] + 1 <= t <= times[-1] - 1]  # without ramp-up and tail
     achieved = len(steady) / (steady[-1] - steady[0]) if len(steady) > 1 else 0.0
     return {"workers": args.workers, "rate_limit": args.rate_limit, "requests": len(times),

@@ -119,6 +119,16 @@ async def serve(host: str, port: int, mode: str) -> None:
         await stop.wait()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of one process (all its threads), from /proc/PID/stat; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ReceiverProcess:
     """The receiver in a child process (`with ReceiverProcess() as receiver: receiver.url ...`)."""
 
@@ -146,10 +156,8 @@ class ReceiverProcess:
         urllib.request.urlopen(f"{self._base}/_reset", timeout=10).read()
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU the receiver has used, from /proc/PID/stat (Linux)."""
-        with open(f"/proc/{self.proc.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User plus system CPU the receiver has used (Linux)."""
+        return process_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
