@@ -1,5 +1,6 @@
-"""Least privilege: `enqueue` and a worker run under exactly the grants the README gives (its SQL is read
-from the README), and the application's role can add events but not read, change or delete any."""
+"""Least privilege: `enqueue` and a worker run under exactly the grants docs/operations.md gives (its SQL is
+read from that page's 'Database roles'), and the application's role can add events but not read, change or
+delete any."""
 
 from __future__ import annotations
 
@@ -20,20 +21,20 @@ from tests.conftest import REPO, _admin, free_port, status_of, url_string, wait_
 from worker.admin import main as admin_main
 
 
-def _readme_grants() -> str:
-    readme = (REPO / "README.md").read_text()
-    return re.search(r"<!-- roles-sql -->\n```sql\n(.*?)```", readme, re.S).group(1)
+def _documented_grants() -> str:
+    page = (REPO / "docs" / "operations.md").read_text()
+    return re.search(r"<!-- roles-sql -->\n```sql\n(.*?)```", page, re.S).group(1)
 
 
 @pytest.fixture(scope="module")
 def roles(server_url, db_url, engine) -> Iterator[tuple[str, str]]:
-    """The application's role and the worker's, unique on the cluster, granted what the README says."""
+    """The application's role and the worker's, unique on the cluster, granted what docs/operations.md says."""
     app, worker = (f"fpo_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("app", "worker"))
     admin = _admin(server_url)
     with admin.connect() as conn:
         for role in (app, worker):
             conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
-    grants = _readme_grants().replace("fp_outbox_worker", f'"{worker}"').replace(" TO app;", f' TO "{app}";')
+    grants = _documented_grants().replace("fp_outbox_worker", f'"{worker}"').replace(" TO app;", f' TO "{app}";')
     with engine.begin() as conn:  # as the tables' owner
         conn.exec_driver_sql(grants)
     yield app, worker
@@ -45,7 +46,7 @@ def roles(server_url, db_url, engine) -> Iterator[tuple[str, str]]:
             conn.execute(text(f'DROP ROLE "{role}"'))
 
 
-def test_enqueue_and_a_worker_run_under_exactly_the_readmes_grants(clean, db_url, roles, sink, workers):
+def test_enqueue_and_a_worker_run_under_exactly_the_documented_grants(clean, db_url, roles, sink, workers):
     app, worker_role = roles
     app_engine = create_engine(db_url.set(username=app))
     committed = []

@@ -363,10 +363,10 @@ def test_token_may_be_absent_or_present():
     assert payload_of(event(token="env-id"))["properties"]["token"] == "env-id"
 
 
-# ---------------------------------------------------------------- the README's table
+# ---------------------------------------------------------------- the documented table
 
-# One example for each row of the README's validation table, by a phrase of the row's first cell.
-README_EXAMPLES = {
+# One example for each row of the validation table in docs/enqueue.md, by a phrase of the row's first cell.
+DOCUMENTED_EXAMPLES = {
     "event not a mapping": ["Purchase"],
     "`event` missing": {"properties": {"distinct_id": "u"}},
     "`properties` missing": {"event": "Purchase"},
@@ -382,18 +382,18 @@ README_EXAMPLES = {
 }
 
 
-def _readme_validation_rows() -> list[tuple[str, str]]:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### Validation", 1)[1].split("\n#", 1)[0]
+def _documented_validation_rows() -> list[tuple[str, str]]:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "enqueue.md").read_text()
+    section = page.split("\n## Validation\n", 1)[1].split("\n#", 1)[0]
     rows = re.findall(r"^\| (.+?) \| `(.+?)`.*\|$", section, re.MULTILINE)
     return [(cell, message) for cell, message in rows if cell != "---"]
 
 
-def test_the_readme_validation_table_shows_the_real_messages():
-    rows = _readme_validation_rows()
-    assert len(rows) == len(README_EXAMPLES)
+def test_the_documented_validation_table_shows_the_real_messages():
+    rows = _documented_validation_rows()
+    assert len(rows) == len(DOCUMENTED_EXAMPLES)
     for cell, message in rows:
-        [example] = [evt for phrase, evt in README_EXAMPLES.items() if cell.startswith(phrase)]
+        [example] = [evt for phrase, evt in DOCUMENTED_EXAMPLES.items() if cell.startswith(phrase)]
         with pytest.raises(outbox.InvalidEvent) as caught:
             prepare(example, now=NOW)
         fragments = [re.escape(f.strip()).replace(r"\ N\ ", r"\ \d+\ ") for f in message.split("...") if f.strip()]
