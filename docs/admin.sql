@@ -4,7 +4,7 @@
 -- The views fp_outbox_stuck, fp_outbox_overdue, fp_outbox_dead and fp_outbox_lag come with
 -- `fp-outbox migrate`. Statements that change rows say so in their first line; to look before you
 -- commit, run them between BEGIN; and COMMIT; (or ROLLBACK;). The same jobs as commands:
--- `fp-outbox stuck | dead | requeue | purge` (see the README).
+-- `fp-outbox stuck | dead | requeue | purge` (see docs/operations.md).
 -- tests/test_admin_queries.py runs every statement here against seeded rows, so none goes stale.
 -- Rendered from worker/admin/queries.py (python docs/render_admin_sql.py): change them there.
 

@@ -210,7 +210,7 @@ class PsycopgAsyncFlavour(AsyncFlavour):
 
 
 class DjangoFlavour(Flavour):
-    """Django's own connection inside transaction.atomic(): the recipe the README documents."""
+    """Django's own connection inside transaction.atomic(): the recipe docs/enqueue.md documents."""
 
     name = "Django"
 

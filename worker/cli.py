@@ -19,13 +19,13 @@ EXIT_STATUSES = """exit status:
   1  the database stayed unreachable for --startup-timeout, or an unexpected error (restarting may help)
   2  bad configuration: the message says what to change
   3  the database is read-only (a standby, or default_transaction_read_only on for the role)
-  4  the database role lacks a grant the worker needs (README: Database roles)
+  4  the database role lacks a grant the worker needs (docs/operations.md: Database roles)
   5  the outbox schema is missing or out of date: run `fp-outbox migrate`
 3, 4 and 5 are not restarted by the systemd units (RestartPreventExitStatus): fix the cause, then restart."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the worker; the exit status says how it ended (EXIT_STATUSES, also in --help and the README)."""
+    """Run the worker; the exit status says how it ended (EXIT_STATUSES, also in --help and docs/configuration.md)."""
     parser = build_parser()
     parser.epilog, parser.formatter_class = EXIT_STATUSES, argparse.RawDescriptionHelpFormatter
     args = parser.parse_args(argv)

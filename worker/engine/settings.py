@@ -20,7 +20,7 @@ from worker.engine.policy import Backoff
 
 DEFAULT_ENDPOINT = "https://api.perfalytics.com/track"
 
-# (flag, environment variable, default, type, help): one table, so the README and --help agree.
+# (flag, environment variable, default, type, help): one table, so docs/configuration.md and --help agree.
 OPTIONS: list[tuple[str, str | None, object, type, str]] = [
     ("--endpoint", "FP_OUTBOX_ENDPOINT", DEFAULT_ENDPOINT, str, "the /track URL events are POSTed to"),
     ("--rate-limit", "FP_OUTBOX_RATE_LIMIT", 5000.0, float, "requests/s for all workers on this database together"),

@@ -32,7 +32,7 @@ class DatabaseRefused(Exception):
         self.exit_code = exit_code
 
 
-# The exit statuses of the refusals, documented in the README and --help; the systemd units do not
+# The exit statuses of the refusals, documented in docs/configuration.md and --help; the systemd units do not
 # restart on them (RestartPreventExitStatus): restarting cannot fix them.
 EXIT_READ_ONLY, EXIT_NO_GRANT, EXIT_NO_SCHEMA = 3, 4, 5
 NO_TABLE = ("the outbox table fp_outbox_events does not exist in this database; run `fp-outbox migrate` "
@@ -43,8 +43,8 @@ NO_TABLE = ("the outbox table fp_outbox_events does not exist in this database; 
 _REFUSALS = {
     "25006": (EXIT_READ_ONLY, "the database is read-only ({reason}): a standby, or default_transaction_read_only "
                               "is on for this role; point the database URL at the primary, or turn read-only off"),
-    "42501": (EXIT_NO_GRANT, "the database role lacks a grant the worker needs ({reason}); grant what the "
-                             "README's 'Database roles' section lists"),
+    "42501": (EXIT_NO_GRANT, "the database role lacks a grant the worker needs ({reason}); grant what "
+                             "docs/operations.md lists under 'Database roles'"),
     **dict.fromkeys(("42P01", "42883", "42703", "3F000"), (
         EXIT_NO_SCHEMA, "the outbox schema is missing or out of date ({reason}); run `fp-outbox migrate`")),
 }

@@ -3,7 +3,7 @@ built once the way requests builds it (TLS verified with certifi, or REQUESTS_CA
 proxies and NO_PROXY from the environment, read once). Each sending thread keeps one of the pool's
 connections, which urllib3 opens (TLS, proxy tunnel); the request and its answer go through http.client,
 the layer urllib3's connections are made of, without urllib3's per-request wrapping (its Retry, Timeout and
-response objects cost as much again as the HTTP itself; see the README's figures). No redirect is followed,
+response objects cost as much again as the HTTP itself; see docs/figures.md). No redirect is followed,
 nothing is retried here, at most READ_LIMIT bytes of any answer are read, and a reaper cuts the connection
 of a request past its total deadline (a read timeout applies to each recv, so a trickling answer would
 never time out)."""
