@@ -65,6 +65,22 @@ events = Table(
     Index("fp_outbox_events_dead_idx", "dead_at", postgresql_where=text("status = 'dead'")),
 )
 
+# The endpoint's state, shared by every worker (worker.engine.endpoint): one row, written at each change and
+# per probe during an outage, read by every claim.
+endpoint = Table(
+    "fp_outbox_endpoint",
+    metadata,
+    Column("id", SmallInteger, primary_key=True, autoincrement=False, server_default=text("1")),
+    Column("down_since", DateTime(timezone=True)),
+    Column("probes", Integer, nullable=False, server_default=text("0")),
+    Column("next_probe_at", DateTime(timezone=True)),
+    Column("probe_owner", Text),
+    Column("probe_until", DateTime(timezone=True)),
+    Column("reason", Text),
+    Column("changed_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint("id = 1", name="fp_outbox_endpoint_id_check"),
+)
+
 # The global rate limiter's one number (GCRA's "theoretical arrival time", in microseconds since the epoch),
 # shared by every worker so that together they stay under the requests-per-second cap. A sequence, not a
 # row: it is updated in place, so it leaves no row versions behind under a long-running snapshot. Read and

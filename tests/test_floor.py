@@ -75,7 +75,7 @@ def test_the_sweep_interval_follows_its_cost(duration, interval):
     now = [100.0]
     sweeps = Sweeps(clock=lambda: now[0])
     assert sweeps.due()  # at start
-    sweeps.swept(duration)
+    sweeps.swept(duration, full=False)
     assert sweeps.interval == pytest.approx(interval)
     now[0] += interval - 0.01
     assert not sweeps.due()

@@ -342,3 +342,27 @@ def test_a_token_cut_by_the_read_limit_is_not_half_shown():
     for cut in range(100, len(body)):  # the answer was longer than what was read: the last bytes are suspect
         outcome = classify_response(400, {}, body[:cut], now=NOW, secrets=(SECRET,), truncated=True)
         assert not any(SECRET[:n] in outcome.reason for n in range(4, len(SECRET) + 1)), cut
+
+
+# What one send says of the endpoint itself (worker.engine.endpoint counts the failures toward an outage).
+ENDPOINT_SIGNALS = [
+    ("2xx: it answered", Delivered(200), False),
+    ("a 4xx about the event: it answered", Dead("HTTP 400: bad", 400), False),
+    ("429: it answered, throttling", Retry("HTTP 429", 429, 1.0), False),
+    ("5xx", Retry("HTTP 503", 503), True),
+    ("500", Retry("HTTP 500", 500), True),
+    ("408", Retry("HTTP 408", 408), True),
+    ("no connection", Retry("connection error: refused"), True),
+    ("no answer in time", Retry("read timeout: no answer in time"), True),
+    ("cut at the request's deadline", Retry("deadline: no complete answer"), True),
+    ("a redirect: the endpoint's configuration, not its health", Retry("HTTP 301", 301), None),
+    ("not sent at all", Retry("not sent: the endpoint is down", sent=False), None),
+    ("an event the worker could not build", Dead("malformed payload: not an object"), None),
+]
+
+
+@pytest.mark.parametrize("outcome, expected", [c[1:] for c in ENDPOINT_SIGNALS], ids=[c[0] for c in ENDPOINT_SIGNALS])
+def test_what_a_send_says_of_the_endpoint(outcome, expected):
+    from worker.engine.policy import endpoint_failed
+
+    assert endpoint_failed(outcome) is expected

@@ -40,13 +40,13 @@ class Recorder:
         self._lock = threading.Lock()
         fresh, due, acquire, pause = store.claim_fresh, store.claim_due, store.acquire_permits, store.pause_all
 
-        def fresh_recorded(floor: int, limit: int, rate: float):
-            rows, grant, snapshot = fresh(floor, limit, rate)
+        def fresh_recorded(floor: int, limit: int, rate: float, **kwargs):
+            rows, grant, snapshot = fresh(floor, limit, rate, **kwargs)
             self._keep(grant, [row.insert_id for row in rows])
             return rows, grant, snapshot
 
-        def due_recorded(limit: int, rate: float):
-            rows, grant = due(limit, rate)
+        def due_recorded(limit: int, rate: float, **kwargs):
+            rows, grant = due(limit, rate, **kwargs)
             self._keep(grant, [row.insert_id for row in rows])
             return rows, grant
 

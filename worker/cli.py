@@ -18,10 +18,10 @@ EXIT_STATUSES = """exit status:
   0  stopped by SIGTERM/SIGINT, or --drain finished
   1  the database stayed unreachable for --startup-timeout, or an unexpected error (restarting may help)
   2  bad configuration: the message says what to change
-  3  the database is read-only (a standby, or default_transaction_read_only on for the role)
   4  the database role lacks a grant the worker needs (docs/operations.md: Database roles)
   5  the outbox schema is missing or out of date: run `fp-outbox migrate`
-3, 4 and 5 are not restarted by the systemd units (RestartPreventExitStatus): fix the cause, then restart."""
+4 and 5 are not restarted by the systemd units (RestartPreventExitStatus): fix the cause, then restart.
+A read-only database (a failover in progress) is no exit: the worker says so once and waits for a primary."""
 
 
 def main(argv: list[str] | None = None) -> int:

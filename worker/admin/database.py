@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from outbox.db import database_url, make_engine
-from worker.engine import DatabaseRefused, DatabaseUnavailable, logs, translate
+from worker.engine import EXIT_READ_ONLY, DatabaseReadOnly, DatabaseRefused, DatabaseUnavailable, logs, translate
 
 
 class CommandError(Exception):
@@ -48,6 +48,9 @@ def _translate(exc: DBAPIError) -> CommandError:
     translated = translate(exc)
     if isinstance(translated, DatabaseRefused):
         return CommandError(str(translated), translated.exit_code)
+    if isinstance(translated, DatabaseReadOnly):  # a command is run by hand: say so and stop, don't wait
+        return CommandError(f"{translated}; point --database-url at the primary, or run it again once the "
+                            "failover is over", EXIT_READ_ONLY)
     if isinstance(translated, DatabaseUnavailable):
         return CommandError(f"could not use the database ({translated}); check --database-url (or "
                             "FP_OUTBOX_DATABASE_URL) and that PostgreSQL is running, then try again")

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from worker.admin import output, queries
 from worker.admin.arguments import add_database_flags, add_dead_filters, add_limit_and_json, dead_params
 from worker.admin.database import connected
-from worker.engine import oldest_transaction, status_counts
+from worker.engine import database_state, endpoint_state, oldest_transaction, status_counts
 
 
 def add_status(commands) -> None:
@@ -38,7 +38,8 @@ def add_dead(commands) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with connected(args) as engine:
-        counts = {**status_counts(engine), **activity(engine), **oldest_transaction(engine)}
+        counts = {**status_counts(engine), **activity(engine), **oldest_transaction(engine),
+                  **endpoint_state(engine), **database_state(engine)}
     if args.json:
         print(json.dumps(counts))
         return 0
@@ -51,6 +52,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows.append(("throughput", f"{counts['delivered_last_minute'] / 60:,.1f} /s"))
     rows.append(("dead last minute", f"{counts['dead_last_minute']:,}"))
     rows.append(("oldest transaction holding back vacuum", _holding(counts)))
+    rows.append(("endpoint", _endpoint(counts)))
+    rows.append(("database", counts["database"]))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value:>12}")
@@ -64,6 +67,15 @@ def _holding(counts: dict) -> str:
         return "-"
     who = f"pid {counts['oldest_transaction_pid']}" if counts["oldest_transaction_pid"] else "no pid"
     return f"{age:,.1f} s ({who}, {counts['oldest_transaction_state'] or 'state hidden'})"
+
+
+def _endpoint(counts: dict) -> str:
+    """up, or down: for how long, the probes that failed and when the next one may start."""
+    if counts["endpoint"] != "down":
+        return counts["endpoint"] or "-"
+    next_in = max(0.0, counts["endpoint_next_probe_in_s"] or 0.0)
+    return (f"down {counts['endpoint_down_s']:,.1f} s ({counts['endpoint_probes']} probes failed, "
+            f"next in {next_in:,.1f} s)")
 
 
 def activity(engine: Engine) -> dict[str, int]:

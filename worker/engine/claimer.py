@@ -1,21 +1,23 @@
-"""Claiming due rows and starting their sends: fresh rows above the worker's floor, everything else by the
-periodic sweep (worker.engine.floor); each claim also reserves its share of the shared rate budget (the
-permits), in the same statement, and the rows it returns go to the pool at once (the 'start' step)."""
+"""Claiming due rows and starting their sends: fresh rows above the worker's floor, everything else by the due
+path (worker.engine.paths); each claim also reserves its share of the shared rate budget (the permits), in the
+same statement, and the rows it returns go to the pool at once (the 'start' step). While the endpoint is down
+(worker.engine.endpoint) a claim takes nothing but, when this worker holds the probe lease, one probe."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from worker.engine.floor import Floor, Sweeps
+from worker.engine.endpoint import Endpoint
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
+from worker.engine.paths import Paths
 from worker.engine.policy import Dead
 from worker.engine.services import DatabaseHealth, StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import Settler
-from worker.engine.store import Claimed, DatabaseUnavailable, Grant, Store
+from worker.engine.store import Claimed, DatabaseUnavailable, Store
 
 # The limiter grants permits in chunks of at most 1/200 of the rate, and workers aim at 96% of
 # it: a chunk sent at once overshoots a smooth schedule by at most one chunk, and this headroom
@@ -54,7 +56,7 @@ class Claimer:
     """Claims up to a chunk of due rows whenever enough sending slots are free, and starts sending them."""
 
     def __init__(self, settings: Settings, store: Store, permits: Permits, in_flight: InFlight, settler: Settler,
-                 health: DatabaseHealth, stopping: StopSignal) -> None:
+                 health: DatabaseHealth, stopping: StopSignal, endpoint: Endpoint) -> None:
         self._settings = settings
         self._store = store
         self._permits = permits
@@ -62,39 +64,35 @@ class Claimer:
         self._settler = settler
         self._health = health
         self._stopping = stopping
+        self._endpoint = endpoint
         self._claim_at_least = max(1, min(permits.chunk, settings.concurrency // 4))
-        self.floor: Floor | None = None  # read from the database at the first claim
-        self.sweeps = Sweeps()
+        self.paths = Paths(store)
+
+    @property
+    def floor(self):
+        """The fresh path's floor (worker.engine.floor.Floor), None before the first claim."""
+        return self.paths.fresh.floor
 
     def claim_and_start(self) -> int:
         """Claim what is due and fits the free slots, and start sending it; returns how many rows were claimed."""
         free = self._settings.concurrency - len(self._in_flight)
         if self._settler.backlogged or (self._in_flight and free < self._claim_at_least) or free <= 0:
             return 0
+        probe = self._endpoint.probe_due()
         claimed_at = time.monotonic()  # the lease starts no earlier than this
         try:
-            rows, grant = self._claim(min(free, self._permits.chunk))
+            rows, grant = self.paths.claim(1 if probe else min(free, self._permits.chunk), self._permits.rate, probe,
+                                           down=self._endpoint.down)
             self._health.ok()
-            if not rows:
-                return 0
         except DatabaseUnavailable as exc:
             self._health.trouble(exc)
-            return 0  # anything claimed comes back when its lease expires
+            return 0  # anything claimed comes back when its lease expires (the probe lease too)
+        self._endpoint.learned(self._store.endpoint_down)
+        if probe:
+            self._endpoint.probing(rows[0].id if rows else None)
+        if not rows:
+            return 0
         return self._start(rows, grant.wait_s, claimed_at + self._settings.lease.total_seconds())
-
-    def _claim(self, limit: int) -> tuple[list[Claimed], Grant]:
-        """The sweep when it is due and finds something, else the fresh path above the floor (worker.engine.floor)."""
-        if self.floor is None:
-            self.floor = Floor(self._store.first_floor())
-        if self.sweeps.due():
-            started = time.monotonic()
-            rows, grant = self._store.claim_due(limit, self._permits.rate)
-            self.sweeps.swept(time.monotonic() - started)
-            if rows:
-                return rows, grant
-        rows, grant, snapshot = self._store.claim_fresh(self.floor.value, limit, self._permits.rate)
-        self.floor.observe([row.id for row in rows], limit, snapshot)
-        return rows, grant
 
     def may_claim_again(self, started: int) -> bool:
         """A full chunk came back and slots are free: more may be due, so claim again without waiting."""

@@ -14,11 +14,13 @@ idle in transaction) would hold it back for its whole life, and every fresh clai
 was delivered since; so a proposal is taken anyway once it has waited FLOOR_WAIT_CAP: a row of a
 transaction that stayed open longer than that and commits after the floor passed it is found by the sweep.
 
-The sweep claims by due time from the partial index: retries that became due, expired leases, released
-rows, claims that rolled back, and the rare row the xid rule misses (its id taken before its xid). It runs
-at start and then at least every interval, max(1 s, 50 x its own last duration): under a held horizon it
-gets slower and so runs less often, costing at most ~2 % of the time. A retry, a released row or an expired
-lease waits at most one interval longer than its due time.
+The due path (the sweep) claims by due time from the partial index: retries that became due, expired leases,
+released rows, claims that rolled back, requeued rows, and the rows of a transaction that committed after the
+floor passed them. It runs at start, back to back while its claims come back full (so due rows go out at the
+rate limit, like fresh ones, taking turns with them), and otherwise at least every interval, max(1 s, 50 x its
+own last duration): under a held horizon it gets slower and so runs less often, costing at most ~2 % of the
+time. A due row waits at most one interval for its first claim, then goes at the rate limit. A path that
+fails backs off on its own; the other goes on.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ MIN_SWEEP_INTERVAL = 1.0  # seconds: the longest a due retry or an expired lease
 SWEEP_COST_FACTOR = 50.0  # ... unless the sweep is slow: then 50x its duration, so it stays ~2 % of the time
 MAX_PROPOSALS = 8  # proposals kept while xmin is held back; beyond that a new one waits for a free place
 FLOOR_WAIT_CAP = 1.0  # seconds a proposal waits for xmin: longer-lived transactions' late rows go to the sweep
+FRESH_START_WINDOW = 10_000  # ids: a new floor starts at most this far below the head (older due rows: the sweep's)
+MAX_PATH_BACKOFF = 30.0  # seconds: the longest a failing path (due or fresh) waits before it is tried again
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,17 +68,29 @@ class Floor:
 
 
 class Sweeps:
-    """When the next sweep is due: at once at start, then an interval after each sweep ends."""
+    """When the due path claims next: at once at start; back to back while its claims come back full (due rows
+    are waiting: they go out at the rate limit, like fresh ones); else an interval after it found less; and
+    after a failure, a backoff that doubles (the fresh path goes on meanwhile)."""
 
     def __init__(self, clock=time.monotonic) -> None:
         self._clock = clock
         self._next_at = clock()
         self.interval = MIN_SWEEP_INTERVAL
+        self.hot = False  # the last due claim was full: more rows are due
+        self.failures = 0
 
     def due(self) -> bool:
-        return self._clock() >= self._next_at
+        return self.hot or self._clock() >= self._next_at
 
-    def swept(self, duration: float) -> None:
-        """A sweep just ended after `duration` seconds: the next one comes an interval from now."""
+    def swept(self, duration: float, full: bool) -> None:
+        """A due claim just ended after `duration` seconds; `full`: it took all it asked for."""
+        self.hot, self.failures = full, 0
         self.interval = max(MIN_SWEEP_INTERVAL, SWEEP_COST_FACTOR * duration)
         self._next_at = self._clock() + self.interval
+
+    def failed(self) -> float:
+        """A due claim failed: the next waits a backoff (0.5 s doubling, at most 30 s); returns it."""
+        self.hot, self.failures = False, self.failures + 1
+        backoff = min(MAX_PATH_BACKOFF, 0.25 * 2 ** min(self.failures, 8))
+        self._next_at = self._clock() + backoff
+        return backoff

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from outbox.db import make_engine
 from worker.engine.claimer import Claimer, Permits
+from worker.engine.endpoint import Endpoint
 from worker.engine.inflight import InFlight
 from worker.engine.lifecycle import finish_or_release, wait_for_database
 from worker.engine.listener import Listener
@@ -45,13 +46,15 @@ class Worker:
         self.notifier = Notifier()
         self.metrics = Metrics()
         self._stopping = StopSignal(self.notifier)
-        self.health = DatabaseHealth(self._stopping)
+        self.health = DatabaseHealth(self._stopping, self.metrics, reconnect=self.engine.dispose)
         self.permits = Permits(self.store, settings, self.metrics)
-        self.sender = sender or Sender(settings, self.permits.take)
+        self.endpoint = Endpoint(self.store, settings, self.metrics, self._stopping)
+        self.sender = sender or Sender(settings, self.permits.take, endpoint=self.endpoint)
         self.in_flight = InFlight(self.sender.send, settings.concurrency, self.metrics)
-        self.settler = Settler(settings, self.store, self.in_flight, self.metrics, self.health, self.permits.chunk)
+        self.settler = Settler(settings, self.store, self.in_flight, self.metrics, self.health, self.permits.chunk,
+                               self.endpoint)
         self.claimer = Claimer(settings, self.store, self.permits, self.in_flight, self.settler, self.health,
-                               self._stopping)
+                               self._stopping, self.endpoint)
         self.services = SideServices(settings, self.engine, self.metrics, self._stopping)
         self._listener = Listener(self.engine, self._stopping, self.deadlines.guard)
         self._stopping.also_while_waiting(self._listener.drain)

@@ -65,6 +65,11 @@ class Metrics:
         self.in_flight = Gauge("fp_outbox_in_flight", "Requests this worker has in flight now", registry=r)
         self.rate_limit_wait = Counter("fp_outbox_rate_limit_wait_seconds",
                                        "Seconds spent waiting for the shared rate limit", registry=r)
+        self.endpoint_up = Gauge("fp_outbox_endpoint_up",
+                                 "1 while the endpoint answers, 0 during an outage (shared by every worker)", registry=r)
+        self.endpoint_up.set(1)
+        self.database_read_only = Gauge("fp_outbox_database_read_only",
+                                        "1 while the database refuses writes (a failover in progress)", registry=r)
         for reason in REASONS:  # every series exists from the start, so rate() works from the first scrape
             self.retried_total.labels(reason)
             self.dead_total.labels(reason)
@@ -85,6 +90,12 @@ class Metrics:
     def waited_for_rate_limit(self, seconds: float) -> None:
         if seconds > 0:
             self.rate_limit_wait.inc(seconds)
+
+    def set_endpoint_up(self, up: bool) -> None:
+        self.endpoint_up.set(1 if up else 0)
+
+    def set_database_read_only(self, read_only: bool) -> None:
+        self.database_read_only.set(1 if read_only else 0)
 
     def set_in_flight(self, count: int) -> None:
         self.in_flight.set(count)

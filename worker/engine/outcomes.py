@@ -50,16 +50,17 @@ class Unwritten(DatabaseUnavailable):
 
 
 def split_outcomes(outcomes: list[tuple[Claimed, Outcome]], settings: Settings) -> list[Batch]:
-    """Sort outcomes into the three settle statements; exhausted retries become dead."""
+    """Sort outcomes into the three settle statements; exhausted retries become dead. A retry made while the
+    endpoint was down (not `counted`) gives its attempt back and is due at once: it never dies of an outage."""
     delivered, retry, dead = Batch("delivered"), Batch("retry"), Batch("dead")
     for row, outcome in outcomes:
-        if isinstance(outcome, Retry) and settings.backoff.exhausted(row.attempts):
+        if isinstance(outcome, Retry) and outcome.counted and settings.backoff.exhausted(row.attempts):
             outcome = Dead(f"gave up after {row.attempts} attempts: {outcome.reason}", outcome.status)
         batch = delivered if isinstance(outcome, Delivered) else retry if isinstance(outcome, Retry) else dead
         batch.rows.append(row)
         batch.outcomes.append(outcome)
         if batch is retry:
-            retry.delays.append(settings.backoff.delay(row.attempts, outcome.retry_after))
+            retry.delays.append(settings.backoff.delay(row.attempts, outcome.retry_after) if outcome.counted else 0.0)
     return [delivered, retry, dead]
 
 
@@ -111,5 +112,5 @@ def _settle(store: Store, batch: Batch) -> int:
         return store.mark_delivered(ids, statuses)
     reasons = [storable(outcome.reason) for outcome in batch.outcomes]
     if batch.kind == "retry":
-        return store.schedule_retry(ids, batch.delays, statuses, reasons)
+        return store.schedule_retry(ids, batch.delays, statuses, reasons, [o.counted for o in batch.outcomes])
     return store.mark_dead(ids, statuses, reasons)

@@ -41,6 +41,8 @@ class Retry:
     reason: str
     status: int | None = None
     retry_after: float | None = None  # seconds the endpoint asked us to wait, uncapped
+    sent: bool = True  # False: no request was made (the worker gave the row back before sending it)
+    counted: bool = True  # False: made while the endpoint was down; the attempt is given back, no backoff
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,19 @@ class Dead:
 
 
 Outcome = Delivered | Retry | Dead
+
+
+def endpoint_failed(outcome: Outcome) -> bool | None:
+    """What one send says of the endpoint itself: True when it failed in a way no event causes (5xx, 408, no
+    connection, no answer in time), False when it answered (2xx, 429, a 4xx about the event), None when it says
+    nothing (not sent, a redirect, an event the worker could not build)."""
+    if isinstance(outcome, Delivered):
+        return False
+    if isinstance(outcome, Dead):
+        return False if outcome.status is not None else None
+    if not outcome.sent or (outcome.status is not None and 300 <= outcome.status < 400):
+        return None
+    return outcome.status is None or outcome.status >= 500 or outcome.status == 408
 
 
 class DeadlineExceeded(Exception):

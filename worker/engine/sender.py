@@ -20,6 +20,7 @@ from worker.engine.store import Claimed, DatabaseUnavailable
 from worker.engine.transport import Transport
 
 NO_ROOM = "not sent: what is left of the lease cannot hold a whole request; retried later"
+ENDPOINT_DOWN = "not sent: the endpoint is down (an outage); sent once a probe gets an answer"
 
 
 class GiveBack(Exception):
@@ -28,10 +29,12 @@ class GiveBack(Exception):
 
 class Sender:
     """Thread-safe. `take_permit(count, max_wait)` reserves shared rate budget for a re-send and says whether it
-    came within `max_wait` seconds (it sleeps until then)."""
+    came within `max_wait` seconds (it sleeps until then). `endpoint` (worker.engine.endpoint.Endpoint) says
+    when the endpoint is down: then only the probe is sent, and nothing is re-sent in process."""
 
     def __init__(self, settings: Settings, take_permit: Callable[[int, float], bool],
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None, endpoint=None) -> None:
+        self._endpoint = endpoint
         self._token = settings.token
         self._take_permit = take_permit
         self._request_deadline = settings.request_deadline
@@ -51,7 +54,7 @@ class Sender:
         try:
             outcome = self._attempt(body, lease_ends, may_start, row)
         except GiveBack as stop:
-            return None if not may_start() else Retry(str(stop))
+            return None if not may_start() else Retry(str(stop), sent=False)
         except Exception as exc:  # poison must not take the worker down or spin
             outcome = classify_exception(exc)
         if _worth_retrying_now(outcome) and self._attempts > 1:
@@ -67,6 +70,8 @@ class Sender:
             raise GiveBack(NO_ROOM)
         if not may_start():
             raise GiveBack("not sent: the worker is stopping and released the row")
+        if self._endpoint is not None and self._endpoint.holds(row.id):
+            raise GiveBack(ENDPOINT_DOWN)
         try:
             answer = self._transport.post(body, deadline)
         except Exception as exc:
@@ -99,6 +104,8 @@ class Sender:
             # The first try was paid for by the claim; every re-send counts against the global cap too, and
             # may wait for it only as long as the lease still holds a whole request after the wait.
             if state.attempt_number > 1:
+                if self._endpoint is not None and self._endpoint.down:
+                    raise GiveBack(ENDPOINT_DOWN)
                 room = lease_ends - LEASE_MARGIN - self._request_deadline - time.monotonic()
                 if room < 0 or not self._take_permit(1, room):
                     raise GiveBack(NO_ROOM)

@@ -7,6 +7,7 @@ import logging
 import time
 from collections import Counter
 
+from worker.engine.endpoint import Endpoint
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
@@ -24,8 +25,9 @@ class Settler:
     """Holds outcomes until a chunk of them, or SETTLE_DELAY, has gathered, then settles them; keeps totals."""
 
     def __init__(self, settings: Settings, store: Store, in_flight: InFlight, metrics: Metrics,
-                 health: DatabaseHealth, chunk: int) -> None:
+                 health: DatabaseHealth, chunk: int, endpoint: Endpoint) -> None:
         self._settings = settings
+        self._endpoint = endpoint
         self._store = store
         self._in_flight = in_flight
         self._metrics = metrics
@@ -48,7 +50,8 @@ class Settler:
     def collect(self, timeout: float) -> None:
         """Take the outcomes of every finished send, waiting up to `timeout` seconds for the first."""
         for row, outcome in self._in_flight.finished(timeout):
-            self.record(row, outcome)
+            self._endpoint.observe(row, outcome)  # an outage is the endpoint's: its retries count no attempt
+            self.record(row, self._endpoint.counted(outcome))
 
     def record(self, row: Claimed, outcome: Outcome) -> None:
         """Hold one row's outcome for the next settle."""

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from worker.engine import queries
-from worker.engine.floor import Snapshot
+from worker.engine.floor import FRESH_START_WINDOW, Snapshot
 from worker.engine.payload import event_body
 from worker.engine.roundtrip import Ran, run_alone
 
@@ -23,9 +23,15 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached or dropped the connection; try again later."""
 
 
+class DatabaseReadOnly(DatabaseUnavailable):
+    """The database answers but accepts no writes: a primary demoted during a failover (its DNS name not yet
+    moved), a standby, or default_transaction_read_only. A failover ends by itself, so the worker keeps
+    reconnecting (on new connections) until a primary answers; the admin command exits 3 on it."""
+
+
 class DatabaseRefused(Exception):
-    """The database answers but refuses the worker, and retrying will not change that: it is read-only, a
-    grant is missing, or the schema is; `exit_code` is the documented status for it (3, 4 or 5)."""
+    """The database answers but refuses the worker, and retrying will not change that: a grant is missing, or
+    the schema is; `exit_code` is the documented status for it (4 or 5)."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -33,16 +39,17 @@ class DatabaseRefused(Exception):
 
 
 # The exit statuses of the refusals, documented in docs/configuration.md and --help; the systemd units do not
-# restart on them (RestartPreventExitStatus): restarting cannot fix them.
+# restart on them (RestartPreventExitStatus): restarting cannot fix them. A read-only database stops only the
+# admin command (3): the worker waits for the failover to end.
 EXIT_READ_ONLY, EXIT_NO_GRANT, EXIT_NO_SCHEMA = 3, 4, 5
+READ_ONLY = ("the database is read-only ({reason}): a failover in progress (a demoted primary whose name has not "
+             "moved yet), a standby, or default_transaction_read_only on for this role")
 NO_TABLE = ("the outbox table fp_outbox_events does not exist in this database; run `fp-outbox migrate` "
             "(as the table's owner) first")
 
 # SQLSTATE -> (exit code, the sentence's template); {reason} is the server's own first line, which
 # names an object (a table, a function), never a value.
 _REFUSALS = {
-    "25006": (EXIT_READ_ONLY, "the database is read-only ({reason}): a standby, or default_transaction_read_only "
-                              "is on for this role; point the database URL at the primary, or turn read-only off"),
     "42501": (EXIT_NO_GRANT, "the database role lacks a grant the worker needs ({reason}); grant what "
                              "docs/operations.md lists under 'Database roles'"),
     **dict.fromkeys(("42P01", "42883", "42703", "3F000"), (
@@ -52,9 +59,11 @@ _REFUSALS = {
 
 def translate(exc: DBAPIError | psycopg.Error) -> Exception:
     """The project's exception for a driver error, SQLAlchemy's or psycopg's own (DatabaseUnavailable,
-    DatabaseRefused), or `exc` itself. Messages carry the server's first line only: never the statement or
-    its parameters."""
+    DatabaseReadOnly, DatabaseRefused), or `exc` itself. Messages carry the server's first line only: never the
+    statement or its parameters."""
     driver = getattr(exc, "orig", None) or exc
+    if getattr(driver, "sqlstate", None) == "25006":  # read_only_sql_transaction
+        return DatabaseReadOnly(READ_ONLY.format(reason=_describe(exc)))
     if (isinstance(exc, OperationalError | InterfaceError) or getattr(exc, "connection_invalidated", False)
             or isinstance(driver, psycopg.OperationalError | psycopg.InterfaceError)):
         return DatabaseUnavailable(_describe(exc))
@@ -107,30 +116,63 @@ class Store:
         self.engine = engine
         self.owner = owner
         self.lease_seconds = lease_seconds
+        self.endpoint_down = False  # as the last claim read it (fp_outbox_endpoint)
 
-    def claim_fresh(self, floor: int, limit: int, rate: float) -> tuple[list[Claimed], Grant, Snapshot]:
+    def claim_fresh(self, floor: int, limit: int, rate: float, *, probe: bool = False
+                    ) -> tuple[list[Claimed], Grant, Snapshot]:
         """Claim up to `limit` due rows above `floor` (the fresh path) with their share of the rate budget, in
-        one statement; returns the rows, their grant and what the statement's snapshot saw."""
-        rows = self._claim(queries.CLAIM_FRESH, {"floor": floor, "limit": limit, "rate": rate})
+        one statement; returns the rows, their grant and what the statement's snapshot saw. While the endpoint
+        is down it claims nothing, unless `probe` (this worker holds the probe lease)."""
+        rows = self._claim(queries.CLAIM_FRESH, {"floor": floor, "limit": limit, "rate": rate}, probe)
         return _claimed(rows), _grant_of(rows), Snapshot(rows[0].xmin, rows[0].xmax, rows[0].head)
 
-    def claim_due(self, limit: int, rate: float) -> tuple[list[Claimed], Grant]:
-        """Claim up to `limit` of whatever is due (the sweep: retries, expired leases, released rows ...)."""
-        rows = self._claim(queries.CLAIM_SWEEP, {"limit": limit, "rate": rate})
+    def claim_due(self, limit: int, rate: float, *, probe: bool = False) -> tuple[list[Claimed], Grant]:
+        """Claim up to `limit` of whatever is due (retries, expired leases, released rows, late commits,
+        requeued rows), oldest due first."""
+        rows = self._claim(queries.CLAIM_SWEEP, {"limit": limit, "rate": rate}, probe)
         return _claimed(rows), _grant_of(rows)
 
-    def first_floor(self) -> int:
-        """Where a new worker's floor starts: below the oldest due pending row, else at the head."""
-        return int(self._run(queries.FIRST_FLOOR, {}).rows[0].floor)
+    def first_floor(self, window: int = FRESH_START_WINDOW) -> int:
+        """Where a new worker's floor starts: below the oldest due pending row among the last `window` ids, else
+        at the head; older due rows are the due path's."""
+        return int(self._run(queries.FIRST_FLOOR, {"window": window}).rows[0].floor)
 
-    def _claim(self, statement, params: dict) -> list:
-        return self._run(statement, {"owner": self.owner, "lease_s": self.lease_seconds, **params}).rows
+    def _claim(self, statement, params: dict, probe: bool) -> list:
+        rows = self._run(statement, {"owner": self.owner, "lease_s": self.lease_seconds, "probe": probe,
+                                     **params}).rows
+        self.endpoint_down = bool(rows[0].endpoint_down)
+        return rows
+
+    # -- the endpoint's shared state (worker.engine.endpoint) ---------------------------------------------
+    def declare_endpoint_down(self, reason: str, first_probe_s: float) -> bool:
+        """Mark the endpoint down for every worker; True if this call did (it was up)."""
+        return bool(self._run(queries.ENDPOINT_DOWN, {"reason": reason, "first_probe_s": first_probe_s}).rows)
+
+    def take_probe(self, base_s: float, cap_s: float) -> int | None:
+        """The probe lease, if a probe is due and nobody else holds it (the next is due base_s doubling per failed
+        probe, at most cap_s, from now): the probes failed so far, else None."""
+        rows = self._run(queries.TAKE_PROBE, {"owner": self.owner, "lease_s": self.lease_seconds, "base_s": base_s,
+                                              "cap_s": cap_s}).rows
+        return rows[0].probes if rows else None
+
+    def probe_done(self, failed: bool, retry_in_s: float = 0.0, reason: str | None = None) -> None:
+        """Give the probe lease back: it failed, or found nothing to send (then try again `retry_in_s` from now)."""
+        self._run(queries.PROBE_DONE, {"owner": self.owner, "failed": failed, "retry_in_s": retry_in_s,
+                                       "reason": reason})
+
+    def declare_endpoint_up(self) -> tuple[float | None, int]:
+        """The outage is over: (how long it lasted, None if it was already over; rows made due at once)."""
+        row = self._run(queries.ENDPOINT_UP, {}).rows[0]
+        return row.down_s, int(row.made_due)
 
     def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
         return self._update(queries.MARK_DELIVERED, ids=ids, statuses=statuses)
 
-    def schedule_retry(self, ids: list[int], delays: list[float], statuses: list[int | None], errors: list[str]) -> int:
-        return self._update(queries.SCHEDULE_RETRY, ids=ids, delays=delays, statuses=statuses, errors=errors)
+    def schedule_retry(self, ids: list[int], delays: list[float], statuses: list[int | None], errors: list[str],
+                       counted: list[bool] | None = None) -> int:
+        counted = [True] * len(ids) if counted is None else counted
+        return self._update(queries.SCHEDULE_RETRY, ids=ids, delays=delays, statuses=statuses, errors=errors,
+                            counted=counted)
 
     def mark_dead(self, ids: list[int], statuses: list[int | None], errors: list[str]) -> int:
         return self._update(queries.MARK_DEAD, ids=ids, statuses=statuses, errors=errors)
@@ -185,6 +227,24 @@ def status_counts(engine: Engine) -> dict[str, float | int | None]:
         row = conn.execute(queries.STATUS_COUNTS).mappings().one()
     return {key: (int(value) if key != "oldest_pending_age_s" and value is not None else value)
             for key, value in row.items()}
+
+
+def endpoint_state(engine: Engine) -> dict[str, float | int | str | None]:
+    """The endpoint's state as the workers share it: endpoint ("up"/"down"), endpoint_down_s, endpoint_probes,
+    endpoint_next_probe_in_s, endpoint_reason."""
+    with engine.connect() as conn:
+        row = conn.execute(queries.ENDPOINT_STATE).mappings().first()
+    if row is None:
+        return {"endpoint": None}
+    return {"endpoint": "down" if row["down"] else "up", "endpoint_down_s": row["down_s"],
+            "endpoint_probes": row["probes"], "endpoint_next_probe_in_s": row["next_probe_in_s"],
+            "endpoint_reason": row["reason"]}
+
+
+def database_state(engine: Engine) -> dict[str, str]:
+    """database: "read-write", or "read-only" (a standby, or a failover in progress: the worker waits)."""
+    with engine.connect() as conn:
+        return {"database": conn.execute(queries.DATABASE_STATE).scalar_one()}
 
 
 def oldest_transaction(engine: Engine) -> dict[str, float | int | str | None]:

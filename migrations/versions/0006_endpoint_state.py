@@ -1,0 +1,37 @@
+"""The endpoint's state, shared by every worker of the database: whether Freshpaint is answering, and while it
+is not, who probes it next and when (one probe at a time for all workers).
+
+Expand-only: a new one-row table, which the previous release's workers never read (they keep sending during an
+outage, as they always did); no lock on fp_outbox_events.
+
+Revision ID: 0006
+Revises: 0003
+Create Date: 2026-12-04
+"""
+from alembic import op
+
+revision = "0006"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # One row, updated only when the state changes and once per probe (at most one every second, usually one
+    # every 30 s): no churn to speak of. The claim statements read it to stop claiming during an outage.
+    op.execute("""
+        CREATE TABLE fp_outbox_endpoint (
+            id smallint PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+            down_since timestamptz,            -- null while the endpoint answers
+            probes integer NOT NULL DEFAULT 0, -- probes that failed in this outage: they space the next one out
+            next_probe_at timestamptz,         -- no probe starts before this
+            probe_owner text,                  -- the worker probing now, until probe_until (then anyone may)
+            probe_until timestamptz,
+            reason text,                       -- the failure that started the outage, then the last probe's
+            changed_at timestamptz NOT NULL DEFAULT now()
+        )""")
+    op.execute("INSERT INTO fp_outbox_endpoint (id) VALUES (1)")
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE fp_outbox_endpoint")
