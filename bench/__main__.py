@@ -1,5 +1,5 @@
 """python -m bench NAME [--database-url URL]: figures against a baseline measured in the same run, NAME one of
-enqueue, drain, faults, latency, rate, growth, cycle, concurrency, horizon, churn.
+enqueue, drain, faults, latency, rate, growth, cycle, concurrency, horizon, churn, recovery.
 
 Without --database-url (or FP_OUTBOX_DATABASE_URL) an embedded PostgreSQL is used.
 """
@@ -29,6 +29,7 @@ from bench.churn import bench_churn
 from bench.concurrency import bench_concurrency
 from bench.cycle import bench_cycle
 from bench.horizon import bench_horizon
+from bench.recovery import bench_recovery
 from outbox.db import make_engine, normalise_url, upgrade
 from worker.devtools.sink import Sink
 
@@ -233,14 +234,18 @@ def _database(args):
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("which", choices=["enqueue", "drain", "faults", "latency", "rate", "growth", "cycle",
-                                          "concurrency", "horizon", "churn"])
+                                          "concurrency", "horizon", "churn", "recovery"])
     parser.add_argument("--rounds", type=int, default=1,
                         help="drain: runs of each sender; concurrency: of each variant (interleaved, median)")
     parser.add_argument("--profile", help="drain: then profile one worker with py-spy into PROFILE.txt and .svg")
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="growth: rows kept / backlog size")
     parser.add_argument("--samples", type=int, default=200, help="latency: events committed one at a time")
     parser.add_argument("--workers", type=int, default=4, help="rate: worker processes")
-    parser.add_argument("--rate-limit", type=int, default=2000, help="rate: the shared limit")
+    parser.add_argument("--rate-limit", type=int, default=None,
+                        help="rate: the shared limit (default 2000); recovery: (default 1000)")
+    parser.add_argument("--recovery-sizes", type=int, nargs="+", default=[6000, 100_000],
+                        help="recovery: the N of each shape")
+    parser.add_argument("--outage-seconds", type=float, default=20.0, help="recovery: how long the endpoint is down")
     parser.add_argument("--database-url")
     parser.add_argument("--transactions", type=int, default=2000, help="enqueue: transactions per variant")
     parser.add_argument("--events", type=int, default=20000, help="drain: backlog size")
@@ -259,6 +264,8 @@ def main() -> int:
                         help="concurrency: also time copies of the outbox table without its check and indexes")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="concurrency: idle worker measured this long")
     args = parser.parse_args()
+    if args.rate_limit is None:
+        args.rate_limit = 1000 if args.which == "recovery" else 2000
     with _database(args) as url:
         engine = make_engine(url)
         plain = url.render_as_string(hide_password=False)
@@ -270,7 +277,8 @@ def main() -> int:
                    "cycle": lambda: bench_cycle(engine, plain, args),
                    "concurrency": lambda: bench_concurrency(engine, plain, args),
                    "horizon": lambda: bench_horizon(engine, plain, args),
-                   "churn": lambda: bench_churn(engine, plain, args)}[args.which]()
+                   "churn": lambda: bench_churn(engine, plain, args),
+                   "recovery": lambda: bench_recovery(engine, plain, args)}[args.which]()
         engine.dispose()
     report(args.which, figures)
     return 0
