@@ -13,11 +13,11 @@ from worker.engine.policy import Dead, Delivered, Outcome, Retry
 from worker.engine.retention import purge_dead, purge_delivered
 from worker.engine.settings import Settings, build_parser, from_args
 from worker.engine.store import (Claimed, DatabaseRefused, DatabaseUnavailable, oldest_transaction, status_counts,
-                                 translate)
+                                 translate, workers_connected)
 
 __all__ = [
     "DEFAULT_RETAIN_DELIVERED", "Claimed", "DatabaseRefused", "DatabaseUnavailable", "Dead", "Delivered", "Outcome",
     "Retry", "Settings", "StartupError", "Worker", "build_parser", "format_duration", "from_args", "logs",
     "oldest_transaction", "parse_duration", "parse_retention", "purge_dead", "purge_delivered", "status_counts",
-    "translate",
+    "translate", "workers_connected",
 ]

@@ -11,6 +11,8 @@ import logging
 from sqlalchemy import Engine
 
 from outbox.db import make_engine
+from worker.engine import tracing
+from worker.engine.calls import Calls
 from worker.engine.claimer import Claimer, Permits
 from worker.engine.inflight import InFlight
 from worker.engine.lifecycle import finish_or_release, wait_for_database
@@ -37,18 +39,21 @@ class Worker:
         # No pre-ping: it would cost a round trip per transaction on the hot path. A connection the
         # server dropped fails one statement, which is retried after a backoff like any outage.
         self.engine = engine or make_engine(
-            settings.database_url, pool_size=2, max_overflow=settings.concurrency + 2, pool_pre_ping=False
+            settings.database_url, pool_size=2, max_overflow=settings.concurrency + 2, pool_pre_ping=False,
+            connect_args={"application_name": settings.application_name},  # counted in pg_stat_activity
         )
         self.deadlines = CallDeadlines()
         self.deadlines.attach(self.engine)  # the server's timeouts per transaction, and our own per call
-        self.store = Store(self.engine, settings.owner, settings.lease.total_seconds())
-        self.notifier = Notifier()
         self.metrics = Metrics()
+        self.tracing = tracing.from_environment()
+        self.store = Store(self.engine, settings.owner, settings.lease.total_seconds(),
+                           Calls(self.metrics, self.tracing))
+        self.notifier = Notifier()
         self._stopping = StopSignal(self.notifier)
         self.health = DatabaseHealth(self._stopping)
         self.permits = Permits(self.store, settings, self.metrics)
         self.sender = sender or Sender(settings, self.permits.take)
-        self.in_flight = InFlight(self.sender.send, settings.concurrency, self.metrics)
+        self.in_flight = InFlight(self.sender.send, settings.concurrency, self.metrics, self.tracing)
         self.settler = Settler(settings, self.store, self.in_flight, self.metrics, self.health, self.permits.chunk)
         self.claimer = Claimer(settings, self.store, self.permits, self.in_flight, self.settler, self.health,
                                self._stopping)
