@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import re
 import subprocess
 import sys
@@ -58,7 +59,9 @@ class Flavour:
 
 class AsyncFlavour(Flavour):
     def __init__(self, runner: asyncio.Runner) -> None:
-        self.run = runner.run
+        # In a copy of the caller's context, as an application's own task sees its request's (its active
+        # span, say); the runner's own context would be another.
+        self.run = lambda coroutine: runner.run(coroutine, context=contextvars.copy_context())
 
     def enqueue(self, handle, event) -> str:
         return self.run(outbox.enqueue_async(handle, event))

@@ -11,7 +11,6 @@ import logging
 from sqlalchemy import Engine
 
 from outbox.db import make_engine
-from worker.engine import tracing
 from worker.engine.calls import Calls
 from worker.engine.claimer import Claimer, Permits
 from worker.engine.inflight import InFlight
@@ -26,15 +25,18 @@ from worker.engine.settings import Settings
 from worker.engine.settler import SETTLE_DELAY, Settler
 from worker.engine.store import DatabaseUnavailable, Store
 from worker.engine.timeouts import CallDeadlines
+from worker.engine.tracing import Tracing, from_environment
 
 
 class Worker:
     """One worker process's loop; `stop()` (from a signal handler) makes `run()` wind down.
 
-    `sender` replaces the HTTP sender (anything with `send(Claimed) -> Outcome`), as the cycle benchmark does.
+    `sender` replaces the HTTP sender (anything with `send(Claimed) -> Outcome`), as the cycle benchmark does;
+    `tracing` the one the OTEL_* variables configure (worker.engine.tracing.from_environment).
     """
 
-    def __init__(self, settings: Settings, engine: Engine | None = None, *, sender=None) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None, *, sender=None,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
         # No pre-ping: it would cost a round trip per transaction on the hot path. A connection the
         # server dropped fails one statement, which is retried after a backoff like any outage.
@@ -45,7 +47,7 @@ class Worker:
         self.deadlines = CallDeadlines()
         self.deadlines.attach(self.engine)  # the server's timeouts per transaction, and our own per call
         self.metrics = Metrics()
-        self.tracing = tracing.from_environment()
+        self.tracing = tracing or from_environment()
         self.store = Store(self.engine, settings.owner, settings.lease.total_seconds(),
                            Calls(self.metrics, self.tracing))
         self.notifier = Notifier()
