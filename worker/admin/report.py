@@ -10,14 +10,16 @@ from sqlalchemy import Engine
 
 from worker.admin import output, queries
 from worker.admin.arguments import add_database_flags, add_dead_filters, add_limit_and_json, dead_params
-from worker.admin.database import connected
-from worker.engine import oldest_transaction, status_counts
+from worker.admin.database import CommandError, connected
+from worker.engine import oldest_transaction, status_counts, workers_connected
 
 
 def add_status(commands) -> None:
     status = commands.add_parser("status", help="counts per status and the lag")
     add_database_flags(status)
     status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    status.add_argument("--watch", action="store_true",
+                        help="a live view refreshed every second (rates, lag, states, workers, horizon); q quits")
     status.set_defaults(run=cmd_status)
 
 
@@ -37,8 +39,15 @@ def add_dead(commands) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        if args.json:
+            raise CommandError("--watch draws a live view and --json prints one object: use one of them", 2)
+        from worker.admin.watch import watch
+
+        with connected(args) as engine:
+            return watch(engine)
     with connected(args) as engine:
-        counts = {**status_counts(engine), **activity(engine), **oldest_transaction(engine)}
+        counts = figures(engine)
     if args.json:
         print(json.dumps(counts))
         return 0
@@ -50,14 +59,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows.append(("delivered last minute", f"{counts['delivered_last_minute']:,}"))
     rows.append(("throughput", f"{counts['delivered_last_minute'] / 60:,.1f} /s"))
     rows.append(("dead last minute", f"{counts['dead_last_minute']:,}"))
-    rows.append(("oldest transaction holding back vacuum", _holding(counts)))
+    rows.append(("workers connected", f"{counts['workers_connected']:,}"))
+    rows.append(("oldest transaction holding back vacuum", holding(counts)))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value:>12}")
     return 0
 
 
-def _holding(counts: dict) -> str:
+def figures(engine: Engine) -> dict:
+    """Everything `status` shows, database-wide: the counts (delivered ones read the table), the last minute's
+    activity, the workers connected and the oldest transaction holding the vacuum horizon back."""
+    return {**status_counts(engine), **activity(engine), "workers_connected": workers_connected(engine),
+            **oldest_transaction(engine)}
+
+
+def holding(counts: dict) -> str:
     """The oldest open transaction holding the vacuum horizon back: its age, pid and state, or '-'."""
     age = counts["oldest_transaction_age_s"]
     if age is None:
