@@ -250,6 +250,12 @@ def configure_django(url: URL) -> None:
     import django
     from django.conf import settings
 
+    if settings.configured:  # another module's database before: Django is set up once per process
+        from django.db import connection
+
+        connection.close()
+        connection.settings_dict.update(NAME=url.database)
+        return
     settings.configure(
         DATABASES={"default": {
             "ENGINE": "django.db.backends.postgresql", "NAME": url.database, "USER": url.username or "",

@@ -143,6 +143,8 @@ def test_real_workers_report_latency_database_calls_states_the_limit_and_themsel
         names = conn.execute(text("SELECT DISTINCT application_name FROM pg_stat_activity"
                                   " WHERE datname = current_database()")).scalars().all()
     assert sum(name.startswith("fp-outbox-worker ") for name in names) == 2, names
+    claimed = lambda port: _scrape(port)[("fp_outbox_database_call_seconds_count", (("call", "claim"),))]  # noqa: E731
+    assert wait_until(lambda: all(claimed(port) >= 1 for port in ports), 10)  # each worker's first claim, at least
     scrapes = [_scrape(port) for port in ports]
     latency_count = sum(got[("fp_outbox_delivery_latency_seconds_count", ())] for got in scrapes)
     latency_sum = sum(got[("fp_outbox_delivery_latency_seconds_sum", ())] for got in scrapes)
