@@ -124,6 +124,7 @@ def test_the_live_view_in_an_80_column_terminal(busy, db_url, tmux, tmp_path):
     screen.keys("q")
     assert wait_until(lambda: "EXIT=0" in screen.screen(), 5), screen.screen()
     assert time.monotonic() - started < 3
+    assert wait_until(lambda: "TERMINAL=" in screen.screen(), 5), screen.screen()
     assert "TERMINAL=icanon" in screen.screen(), screen.screen()  # cbreak undone
 
 
@@ -131,7 +132,7 @@ def test_ctrl_c_ends_it_cleanly(clean, db_url, tmux):
     screen = _watching(tmux, db_url)
     assert wait_until(lambda: "q: quit" in screen.screen(), 15), screen.screen()
     screen.keys("C-c")
-    assert wait_until(lambda: "EXIT=0" in screen.screen(), 5), screen.screen()
+    assert wait_until(lambda: "EXIT=0" in screen.screen() and "TERMINAL=" in screen.screen(), 5), screen.screen()
     assert "Traceback" not in screen.screen() and "TERMINAL=icanon" in screen.screen()
 
 
