@@ -144,15 +144,19 @@ def test_every_shell_block_runs(where, body, clean, db_url, sink, env, tmp_path)
     proc = subprocess.Popen(["bash", "-e", "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     runs_a_worker = re.search(r"(^|\s)fp-outbox-worker(\s|$)", script)
-    if runs_a_worker:  # it runs until stopped: stop it once it delivered
-        assert wait_until(lambda: any(r.insert_id == insert_id for r in sink.accepted()), 30), where
-        time.sleep(0.5)  # a watchdog or two for the notify listener
-        os.killpg(proc.pid, signal.SIGTERM)
     try:
+        if runs_a_worker:  # it runs until stopped: stop it once it delivered
+            delivered = wait_until(lambda: any(r.insert_id == insert_id for r in sink.accepted()), 30)
+            time.sleep(0.5)  # a watchdog or two for the notify listener
+            os.killpg(proc.pid, signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
+    finally:  # nothing the block started outlives the test, whatever happened
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+    assert not runs_a_worker or delivered, f"{where}: the worker delivered nothing:\n{output}"
     assert "Traceback" not in output and "not a valid identifier" not in output, f"{where}:\n{output}"
     if "NOTIFY_SOCKET" in script:
         assert "READY=1" in output, output
