@@ -2,7 +2,9 @@
 
 Every function validates first (pure code, no SQL), then runs one statement on the caller's
 connection; none of them commits. The synchronous and asyncio functions share the validation,
-the statements and the parameters; only the execution differs (`outbox.handles`).
+the statements and the parameters; only the execution differs (`outbox.handles`). When the application
+traces with OpenTelemetry, the row also keeps the active span's context (`outbox.tracecontext`), apart
+from the payload.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from outbox import tracecontext
 from outbox.handles import async_executor, executor
-from outbox.statements import INSERT_MANY, INSERT_ONE, Statement
+from outbox.statements import INSERT_MANY, INSERT_MANY_TRACED, INSERT_ONE, INSERT_ONE_TRACED, Statement
 from outbox.validation import identify_event, prepare, prepare_many
 
 if TYPE_CHECKING:  # only for type checkers: importing these would pull in asyncio pieces
@@ -94,10 +97,18 @@ async def identify_async(
 
 def _one(event: Any) -> tuple[str, Statement, dict[str, Any]]:
     insert_id, name, payload = prepare(event)
-    return insert_id, INSERT_ONE, {"insert_id": insert_id, "event_name": name, "payload": payload}
+    params = {"insert_id": insert_id, "event_name": name, "payload": payload}
+    trace_context = tracecontext.current()
+    if trace_context is None:
+        return insert_id, INSERT_ONE, params
+    return insert_id, INSERT_ONE_TRACED, {**params, "trace_context": trace_context}
 
 
 def _many(events: Iterable[Any]) -> tuple[list[str], Statement, dict[str, Any]]:
     prepared = prepare_many(events)
     insert_ids, names, payloads = (list(column) for column in zip(*prepared)) if prepared else ([], [], [])
-    return insert_ids, INSERT_MANY, {"insert_ids": insert_ids, "event_names": names, "payloads": payloads}
+    params = {"insert_ids": insert_ids, "event_names": names, "payloads": payloads}
+    trace_context = tracecontext.current()
+    if trace_context is None:
+        return insert_ids, INSERT_MANY, params
+    return insert_ids, INSERT_MANY_TRACED, {**params, "trace_context": trace_context}

@@ -50,6 +50,9 @@ events = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("delivered_at", DateTime(timezone=True)),
     Column("dead_at", DateTime(timezone=True)),
+    # The W3C trace context (traceparent, tracestate, as JSON) of the span that enqueued the event, when the
+    # application traces with OpenTelemetry; the worker links its delivery spans to it. Never sent.
+    Column("trace_context", Text),
     CheckConstraint(
         "status IN ('pending', 'in_flight', 'delivered', 'dead')", name="fp_outbox_events_status_check"
     ),

@@ -39,3 +39,18 @@ INSERT_MANY = _statement(
     " FROM unnest(CAST(:insert_ids AS text[]), CAST(:event_names AS text[]), CAST(:payloads AS text[]))"
     " AS u(insert_id, event_name, payload)"
 )
+
+# The same, with the trace context the application's active span gives (outbox.tracecontext), in its own
+# column: used only when there is one, so an application that does not trace writes exactly the statements
+# above. One context for all the rows of enqueue_many: they were enqueued in the same span.
+INSERT_ONE_TRACED = _statement(
+    "INSERT INTO fp_outbox_events (insert_id, event_name, payload, trace_context)"
+    " VALUES (:insert_id, :event_name, CAST(:payload AS json), :trace_context)"
+)
+
+INSERT_MANY_TRACED = _statement(
+    "INSERT INTO fp_outbox_events (insert_id, event_name, payload, trace_context)"
+    " SELECT u.insert_id, u.event_name, CAST(u.payload AS json), CAST(:trace_context AS text)"
+    " FROM unnest(CAST(:insert_ids AS text[]), CAST(:event_names AS text[]), CAST(:payloads AS text[]))"
+    " AS u(insert_id, event_name, payload)"
+)

@@ -128,7 +128,7 @@ def test_sigkill_at_random_moments_then_restart(clean, db_url, sink, workers):
 def _backend_waiting_on(engine, fragment: str) -> int | None:
     with engine.connect() as conn:
         return conn.execute(text(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'fp-outbox'"
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'fp-outbox-worker %'"
             " AND wait_event_type = 'Lock' AND query LIKE :q"), {"q": f"%{fragment}%"}).scalar()
 
 

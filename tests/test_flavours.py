@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import re
 import subprocess
 import sys
@@ -58,7 +59,9 @@ class Flavour:
 
 class AsyncFlavour(Flavour):
     def __init__(self, runner: asyncio.Runner) -> None:
-        self.run = runner.run
+        # In a copy of the caller's context, as an application's own task sees its request's (its active
+        # span, say); the runner's own context would be another.
+        self.run = lambda coroutine: runner.run(coroutine, context=contextvars.copy_context())
 
     def enqueue(self, handle, event) -> str:
         return self.run(outbox.enqueue_async(handle, event))
@@ -247,6 +250,12 @@ def configure_django(url: URL) -> None:
     import django
     from django.conf import settings
 
+    if settings.configured:  # another module's database before: Django is set up once per process
+        from django.db import connection
+
+        connection.close()
+        connection.settings_dict.update(NAME=url.database)
+        return
     settings.configure(
         DATABASES={"default": {
             "ENGINE": "django.db.backends.postgresql", "NAME": url.database, "USER": url.username or "",

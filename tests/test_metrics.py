@@ -3,6 +3,7 @@ from the database without scanning the delivered rows."""
 
 from __future__ import annotations
 
+import signal
 import urllib.request
 
 import pytest
@@ -121,3 +122,53 @@ def test_queue_figures_come_from_partial_indexes_with_many_delivered_rows(clean)
         plan = "\n".join(conn.execute(text("EXPLAIN " + queries.QUEUE_DEPTH.text)).scalars())
     assert "fp_outbox_events_due_idx" in plan and "fp_outbox_events_dead_idx" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+def test_real_workers_report_latency_database_calls_states_the_limit_and_themselves(clean, db_url, sink, workers):
+    from sqlalchemy.orm import Session
+
+    import outbox
+    from tests.conftest import free_port, wait_until
+    from worker.engine import workers_connected
+
+    with Session(clean) as session:
+        outbox.enqueue_many(session, [{"event": "E", "properties": {"distinct_id": str(n)}} for n in range(20)])
+        session.commit()
+    ports = [free_port(), free_port()]
+    procs = [workers(db_url, sink.url, "--metrics-port", str(port), "--rate-limit", "1234", "--poll-interval", "0.2")
+             for port in ports]
+    assert wait_until(lambda: len(sink.accepted()) >= 20, 30), procs[0].output()
+    assert wait_until(lambda: workers_connected(clean) == 2, 10)
+    with clean.connect() as conn:
+        names = conn.execute(text("SELECT DISTINCT application_name FROM pg_stat_activity"
+                                  " WHERE datname = current_database()")).scalars().all()
+    assert sum(name.startswith("fp-outbox-worker ") for name in names) == 2, names
+    claimed = lambda port: _scrape(port)[("fp_outbox_database_call_seconds_count", (("call", "claim"),))]  # noqa: E731
+    assert wait_until(lambda: all(claimed(port) >= 1 for port in ports), 10)  # each worker's first claim, at least
+    scrapes = [_scrape(port) for port in ports]
+    latency_count = sum(got[("fp_outbox_delivery_latency_seconds_count", ())] for got in scrapes)
+    latency_sum = sum(got[("fp_outbox_delivery_latency_seconds_sum", ())] for got in scrapes)
+    assert latency_count == 20 and 0 < latency_sum / latency_count < 30
+    for got in scrapes:
+        assert got[("fp_outbox_database_call_seconds_count", (("call", "claim"),))] >= 1
+        assert got[("fp_outbox_database_call_seconds_count", (("call", "gauges"),))] >= 1
+        assert got[("fp_outbox_endpoint_up", ())] == 1
+        assert got[("fp_outbox_database_read_only", ())] == 0
+        assert got[("fp_outbox_rate_limit_per_second", ())] == 1234
+        assert got[("fp_outbox_workers_connected", ())] >= 1
+    assert sum(got[("fp_outbox_database_call_seconds_count", (("call", "settle"),))] for got in scrapes) >= 1
+    for proc in procs:
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert wait_until(lambda: workers_connected(clean) == 0, 10)
+
+
+def test_states_the_integrator_wires_are_settable():
+    m = Metrics()
+    assert m.registry.get_sample_value("fp_outbox_endpoint_up") == 1
+    m.set_endpoint_up(False)
+    m.set_database_read_only(True)
+    assert m.registry.get_sample_value("fp_outbox_endpoint_up") == 0
+    assert m.registry.get_sample_value("fp_outbox_database_read_only") == 1
+    m.observe_database_call("no such kind", 0.01)
+    assert m.registry.get_sample_value("fp_outbox_database_call_seconds_count", {"call": "other"}) == 1

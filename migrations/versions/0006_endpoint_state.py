@@ -5,13 +5,13 @@ Expand-only: a new one-row table, which the previous release's workers never rea
 outage, as they always did); no lock on fp_outbox_events.
 
 Revision ID: 0006
-Revises: 0003
+Revises: 0005
 Create Date: 2026-12-04
 """
 from alembic import op
 
 revision = "0006"
-down_revision = "0003"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -10,14 +10,16 @@ from sqlalchemy import Engine
 
 from worker.admin import output, queries
 from worker.admin.arguments import add_database_flags, add_dead_filters, add_limit_and_json, dead_params
-from worker.admin.database import connected
-from worker.engine import database_state, endpoint_state, oldest_transaction, status_counts
+from worker.admin.database import CommandError, connected
+from worker.engine import database_state, endpoint_state, oldest_transaction, status_counts, workers_connected
 
 
 def add_status(commands) -> None:
     status = commands.add_parser("status", help="counts per status and the lag")
     add_database_flags(status)
     status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    status.add_argument("--watch", action="store_true",
+                        help="a live view refreshed every second (rates, lag, states, workers, horizon); q quits")
     status.set_defaults(run=cmd_status)
 
 
@@ -37,9 +39,15 @@ def add_dead(commands) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        if args.json:
+            raise CommandError("--watch draws a live view and --json prints one object: use one of them", 2)
+        from worker.admin.watch import watch
+
+        with connected(args) as engine:
+            return watch(engine)
     with connected(args) as engine:
-        counts = {**status_counts(engine), **activity(engine), **oldest_transaction(engine),
-                  **endpoint_state(engine), **database_state(engine)}
+        counts = figures(engine)
     if args.json:
         print(json.dumps(counts))
         return 0
@@ -51,8 +59,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows.append(("delivered last minute", f"{counts['delivered_last_minute']:,}"))
     rows.append(("throughput", f"{counts['delivered_last_minute'] / 60:,.1f} /s"))
     rows.append(("dead last minute", f"{counts['dead_last_minute']:,}"))
-    rows.append(("oldest transaction holding back vacuum", _holding(counts)))
-    rows.append(("endpoint", _endpoint(counts)))
+    rows.append(("workers connected", f"{counts['workers_connected']:,}"))
+    rows.append(("oldest transaction holding back vacuum", holding(counts)))
+    rows.append(("endpoint", endpoint_line(counts)))
     rows.append(("database", counts["database"]))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
@@ -60,7 +69,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _holding(counts: dict) -> str:
+def figures(engine: Engine) -> dict:
+    """Everything `status` shows, database-wide: the counts (delivered ones read the table), the last minute's
+    activity, the workers connected, the oldest transaction holding the vacuum horizon back, the endpoint's state
+    (up, or down in an outage) and the database's (read-write, or read-only during a failover)."""
+    return {**status_counts(engine), **activity(engine), "workers_connected": workers_connected(engine),
+            **oldest_transaction(engine), **endpoint_state(engine), **database_state(engine)}
+
+
+def holding(counts: dict) -> str:
     """The oldest open transaction holding the vacuum horizon back: its age, pid and state, or '-'."""
     age = counts["oldest_transaction_age_s"]
     if age is None:
@@ -69,7 +86,7 @@ def _holding(counts: dict) -> str:
     return f"{age:,.1f} s ({who}, {counts['oldest_transaction_state'] or 'state hidden'})"
 
 
-def _endpoint(counts: dict) -> str:
+def endpoint_line(counts: dict) -> str:
     """up, or down: for how long, the probes that failed and when the next one may start."""
     if counts["endpoint"] != "down":
         return counts["endpoint"] or "-"

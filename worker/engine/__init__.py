@@ -13,12 +13,13 @@ from worker.engine.policy import Dead, Delivered, Outcome, Retry
 from worker.engine.retention import purge_dead, purge_delivered
 from worker.engine.settings import Settings, build_parser, from_args
 from worker.engine.store import (EXIT_READ_ONLY, Claimed, DatabaseReadOnly, DatabaseRefused, DatabaseUnavailable,
-                                 database_state, endpoint_state, oldest_transaction, status_counts, translate)
+                                 database_state, endpoint_state, oldest_transaction, queue_figures, status_counts,
+                                 translate, workers_connected)
 
 __all__ = [
     "DEFAULT_RETAIN_DELIVERED", "EXIT_READ_ONLY", "Claimed", "DatabaseReadOnly", "DatabaseRefused", "DatabaseUnavailable", "Dead",
     "Delivered", "Outcome",
     "Retry", "Settings", "StartupError", "Worker", "build_parser", "format_duration", "from_args", "logs",
-    "database_state", "endpoint_state", "oldest_transaction", "parse_duration", "parse_retention", "purge_dead", "purge_delivered", "status_counts",
-    "translate",
+    "database_state", "endpoint_state", "oldest_transaction", "parse_duration", "parse_retention", "purge_dead",
+    "purge_delivered", "queue_figures", "status_counts", "translate", "workers_connected",
 ]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from worker.engine.metrics import Metrics
 from worker.engine.policy import Outcome, classify_exception
 from worker.engine.store import Claimed
+from worker.engine.tracing import OFF, Tracing
 
 # send(row, lease_ends, may_start) -> the outcome, or None when no request started because the row was let go
 Send = Callable[[Claimed, float, Callable[[], bool]], Outcome | None]
@@ -20,9 +21,10 @@ Send = Callable[[Claimed, float, Callable[[], bool]], Outcome | None]
 class InFlight:
     """This worker's sends in progress; len() is how many. Only the loop's thread calls its methods."""
 
-    def __init__(self, send: Send, concurrency: int, metrics: Metrics) -> None:
+    def __init__(self, send: Send, concurrency: int, metrics: Metrics, tracing: Tracing = OFF) -> None:
         self._send = send
         self._metrics = metrics
+        self._tracing = tracing  # a span per delivery attempt
         self._rows: dict[int, Claimed] = {}
         self._work: queue.SimpleQueue[tuple[Claimed, float] | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[Claimed, Outcome]] = queue.SimpleQueue()
@@ -78,10 +80,12 @@ class InFlight:
         while (item := self._work.get()) is not None:
             row, lease_ends = item
             started = time.perf_counter()
-            try:
-                outcome = self._send(row, lease_ends, self._may_start)
-            except Exception as exc:  # send() should never raise; if it does, the row is dead, not stuck
-                outcome = classify_exception(exc)
+            with self._tracing.attempt(row) as span:
+                try:
+                    outcome = self._send(row, lease_ends, self._may_start)
+                except Exception as exc:  # send() should never raise; if it does, the row is dead, not stuck
+                    outcome = classify_exception(exc)
+                span.finish(outcome)
             if outcome is not None:  # None: nothing was sent, the row was released as it was
                 self._metrics.observe_send(time.perf_counter() - started)
                 self._done.put((row, outcome))

@@ -11,6 +11,7 @@ import logging
 from sqlalchemy import Engine
 
 from outbox.db import make_engine
+from worker.engine.calls import Calls
 from worker.engine.claimer import Claimer, Permits
 from worker.engine.endpoint import Endpoint
 from worker.engine.inflight import InFlight
@@ -25,32 +26,38 @@ from worker.engine.settings import Settings
 from worker.engine.settler import SETTLE_DELAY, Settler
 from worker.engine.store import DatabaseUnavailable, Store
 from worker.engine.timeouts import CallDeadlines
+from worker.engine.tracing import Tracing, from_environment
 
 
 class Worker:
     """One worker process's loop; `stop()` (from a signal handler) makes `run()` wind down.
 
-    `sender` replaces the HTTP sender (anything with `send(Claimed) -> Outcome`), as the cycle benchmark does.
+    `sender` replaces the HTTP sender (anything with `send(Claimed) -> Outcome`), as the cycle benchmark does;
+    `tracing` the one the OTEL_* variables configure (worker.engine.tracing.from_environment).
     """
 
-    def __init__(self, settings: Settings, engine: Engine | None = None, *, sender=None) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None, *, sender=None,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
         # No pre-ping: it would cost a round trip per transaction on the hot path. A connection the
         # server dropped fails one statement, which is retried after a backoff like any outage.
         self.engine = engine or make_engine(
-            settings.database_url, pool_size=2, max_overflow=settings.concurrency + 2, pool_pre_ping=False
+            settings.database_url, pool_size=2, max_overflow=settings.concurrency + 2, pool_pre_ping=False,
+            connect_args={"application_name": settings.application_name},  # counted in pg_stat_activity
         )
         self.deadlines = CallDeadlines()
         self.deadlines.attach(self.engine)  # the server's timeouts per transaction, and our own per call
-        self.store = Store(self.engine, settings.owner, settings.lease.total_seconds())
-        self.notifier = Notifier()
         self.metrics = Metrics()
+        self.tracing = tracing or from_environment()
+        self.store = Store(self.engine, settings.owner, settings.lease.total_seconds(),
+                           Calls(self.metrics, self.tracing))
+        self.notifier = Notifier()
         self._stopping = StopSignal(self.notifier)
         self.health = DatabaseHealth(self._stopping, self.metrics, reconnect=self.engine.dispose)
         self.permits = Permits(self.store, settings, self.metrics)
         self.endpoint = Endpoint(self.store, settings, self.metrics, self._stopping)
         self.sender = sender or Sender(settings, self.permits.take, endpoint=self.endpoint)
-        self.in_flight = InFlight(self.sender.send, settings.concurrency, self.metrics)
+        self.in_flight = InFlight(self.sender.send, settings.concurrency, self.metrics, self.tracing)
         self.settler = Settler(settings, self.store, self.in_flight, self.metrics, self.health, self.permits.chunk,
                                self.endpoint)
         self.claimer = Claimer(settings, self.store, self.permits, self.in_flight, self.settler, self.health,

@@ -7,11 +7,13 @@ from sqlalchemy import text
 # so any number of workers claim side by side), leases them, counts the attempt, and reserves their slice
 # of the shared rate budget (fp_outbox_take_permits: the advisory lock it takes is held only from here to
 # the commit). It returns the stored payload text and the insert_id column: the worker fills in the token in
-# Python (worker.engine.payload), so the token is never a parameter of any statement. It also returns what
-# the statement's snapshot saw, for the floor of the fresh path: the oldest running transaction id (xmin),
-# the next to be assigned (xmax) and the highest visible id (head). One row comes back even when nothing
-# was claimed (with null row columns), so the snapshot is always read, and with it the endpoint's state: while
-# the endpoint is down (fp_outbox_endpoint) no claim takes anything but the probe (`probe`, one row).
+# Python (worker.engine.payload), so the token is never a parameter of any statement. With each row come its
+# created_at (epoch seconds: the commit-to-delivery latency metric) and the trace context it was enqueued in
+# (the delivery span links to it). It also returns what the statement's snapshot saw, for the floor of the
+# fresh path: the oldest running transaction id (xmin), the next to be assigned (xmax) and the highest visible
+# id (head). One row comes back even when nothing was claimed (with null row columns), so the snapshot is
+# always read, and with it the endpoint's state: while the endpoint is down (fp_outbox_endpoint) no claim takes
+# anything but the probe (`probe`, one row).
 _CLAIM = """
     WITH due AS ({due}),
     claimed AS (
@@ -23,7 +25,8 @@ _CLAIM = """
                next_attempt_at = now() + make_interval(secs => :lease_s)
           FROM due
          WHERE e.id = due.id
-     RETURNING e.id, e.attempts, e.insert_id, e.payload::text AS payload),
+     RETURNING e.id, e.attempts, e.insert_id, e.payload::text AS payload,
+               extract(epoch FROM e.created_at)::float8 AS created_at, e.trace_context),
     granted AS (  -- in the select list, so an empty claim never calls it (nor waits for its lock)
         SELECT fp_outbox_take_permits(c.n / CAST(:rate AS float8)) AS starts_at
           FROM (SELECT count(*) AS n FROM claimed) AS c
@@ -34,7 +37,7 @@ _CLAIM = """
            (SELECT down_since IS NOT NULL FROM fp_outbox_endpoint) AS endpoint_down,
            extract(epoch FROM g.starts_at)::float8 AS starts_at,
            extract(epoch FROM g.starts_at - clock_timestamp())::float8 AS wait_s,
-           c.id, c.attempts, c.insert_id, c.payload
+           c.id, c.attempts, c.insert_id, c.payload, c.created_at, c.trace_context
       FROM (SELECT 1) AS one
       LEFT JOIN granted AS g ON true
       LEFT JOIN claimed AS c ON true
@@ -204,6 +207,17 @@ OLDEST_TRANSACTION = text(
              WHERE database = current_database()) AS holding
      ORDER BY started
      LIMIT 1
+    """
+)
+
+# Worker processes connected to this database, on every host: each names its connections
+# `fp-outbox-worker <unique>:<pid>:<host>` (Settings.application_name), a process's pool and listener alike.
+# pg_stat_activity shows every session's application_name to any role. Behind PgBouncer's transaction pooling
+# the server connections carry whichever client's name used them last, so the figure is only a hint there.
+WORKERS_CONNECTED = text(
+    """
+    SELECT count(DISTINCT application_name) FROM pg_stat_activity
+     WHERE datname = current_database() AND application_name LIKE 'fp-outbox-worker %'
     """
 )
 

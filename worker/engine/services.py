@@ -116,6 +116,7 @@ class SideServices:
 
     def start(self) -> None:
         """Serve /metrics and start the retention thread, if configured."""
+        self._metrics.set_rate_limit(self._settings.rate_limit)
         if self._settings.metrics_port:
             port = self._metrics.start_http_server(self._settings.metrics_port)
             event(log, logging.INFO, "metrics served", port=port, path="/metrics")

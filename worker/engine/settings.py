@@ -42,6 +42,8 @@ OPTIONS: list[tuple[str, str | None, object, type, str]] = [
      "purge dead rows that died longer ago than this (30d, ...; off: keep them)"),
 ]
 
+# The prefix of every worker connection's application_name (and the count of workers in `fp-outbox status`).
+WORKER_APPLICATION_NAME = "fp-outbox-worker"
 # Inline retries wait 0.1 s, 0.2 s, 0.4 s ... at most this long each; longer waits go to the row.
 INLINE_WAIT_CAP = 1.0
 # Seconds a request may overrun its total deadline before the reaper cuts it (worker.engine.transport).
@@ -73,6 +75,13 @@ class Settings:
     retain_delivered: timedelta | None = timedelta(days=7)
     retain_dead: timedelta | None = timedelta(days=30)
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+
+    @property
+    def application_name(self) -> str:
+        """How this worker's connections name themselves in pg_stat_activity (WORKERS_CONNECTED counts them):
+        the lease owner's unique part and pid first, so PostgreSQL's 63-byte cut only ever shortens the host."""
+        host, pid, unique = self.owner.rsplit(":", 2)
+        return f"{WORKER_APPLICATION_NAME} {unique}:{pid}:{host}"[:63]
 
     @property
     def request_deadline(self) -> float:

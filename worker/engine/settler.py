@@ -105,6 +105,7 @@ class Settler:
         self.totals[TOTALS[batch.kind]] += len(batch.rows)
         if batch.kind == "delivered":
             self._metrics.delivered(len(batch.rows))
+            self._metrics.delivered_after([row.created_at for row in batch.rows])
             return
         count = self._metrics.retried if batch.kind == "retry" else self._metrics.dead
         for outcome in batch.outcomes:

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from worker.engine import queries
+from worker.engine.calls import Calls
 from worker.engine.floor import FRESH_START_WINDOW, Snapshot
 from worker.engine.payload import event_body
 from worker.engine.roundtrip import Ran, run_alone
@@ -81,12 +82,15 @@ class StatementRefused(Exception):
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """One claimed row: its id, the attempt this claim counted, the payload text as stored and the insert_id
-    column, from which body() builds what is sent."""
+    column, from which body() builds what is sent; when it was enqueued (epoch seconds, database clock) and the
+    trace context it was enqueued in (JSON of traceparent and tracestate), if any."""
 
     id: int
     attempts: int
     payload: str
     insert_id: str
+    created_at: float | None = None
+    trace_context: str | None = None
 
     def body(self, token: str | None) -> bytes:
         """The bytes to POST, with `token` filled in where the event has none (worker.engine.payload.event_body);
@@ -112,11 +116,12 @@ class Grant:
 class Store:
     """Named operations of the queue cycle for one worker (its lease owner id)."""
 
-    def __init__(self, engine: Engine, owner: str, lease_seconds: float) -> None:
+    def __init__(self, engine: Engine, owner: str, lease_seconds: float, calls: Calls | None = None) -> None:
         self.engine = engine
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.endpoint_down = False  # as the last claim read it (fp_outbox_endpoint)
+        self.calls = calls or Calls()  # times every call, traces claims and settles
 
     def claim_fresh(self, floor: int, limit: int, rate: float, *, probe: bool = False
                     ) -> tuple[list[Claimed], Grant, Snapshot]:
@@ -204,7 +209,8 @@ class Store:
     def _run(self, statement, params: dict) -> Ran:
         """One statement, a transaction of its own in one round trip; driver errors translated (translate)."""
         try:
-            return run_alone(self.engine, statement, params)
+            with self.calls.timed(statement) as call:
+                return call.returned(run_alone(self.engine, statement, params))
         except psycopg.Error as exc:
             translated = translate(exc)
             if translated is exc:
@@ -213,7 +219,8 @@ class Store:
 
 
 def _claimed(rows: list) -> list[Claimed]:
-    return [Claimed(row.id, row.attempts, row.payload, row.insert_id) for row in rows if row.id is not None]
+    return [Claimed(row.id, row.attempts, row.payload, row.insert_id, row.created_at, row.trace_context)
+            for row in rows if row.id is not None]
 
 
 def _grant_of(rows: list) -> Grant:
@@ -254,6 +261,19 @@ def oldest_transaction(engine: Engine) -> dict[str, float | int | str | None]:
         row = conn.execute(queries.OLDEST_TRANSACTION).mappings().first()
     keys = ("oldest_transaction_age_s", "oldest_transaction_pid", "oldest_transaction_state")
     return dict(row) if row else dict.fromkeys(keys)
+
+
+def queue_figures(engine: Engine) -> dict[str, float | int | None]:
+    """pending, in_flight, dead and oldest_pending_age_s from the partial indexes alone (no scan of the delivered
+    rows): cheap enough to read every second."""
+    with engine.connect() as conn:
+        return dict(conn.execute(queries.QUEUE_DEPTH).mappings().one())
+
+
+def workers_connected(engine: Engine) -> int:
+    """How many worker processes are connected to this database, on every host (pg_stat_activity)."""
+    with engine.connect() as conn:
+        return int(conn.execute(queries.WORKERS_CONNECTED).scalar_one())
 
 
 def _describe(exc: Exception) -> str:
