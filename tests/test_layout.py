@@ -78,8 +78,8 @@ def test_the_engines_exports_exist():
         assert hasattr(worker.engine, name), name
 
 
-WORKER_PARTS = ["loop.py", "claimer.py", "inflight.py", "settler.py", "lifecycle.py", "services.py", "listener.py",
-                "paths.py", "endpoint.py"]
+WORKER_PARTS = ["loop.py", "claimer.py", "inflight.py", "settler.py", "lifecycle.py", "services.py", "health.py",
+                "listener.py", "paths.py", "endpoint.py"]
 
 
 @pytest.mark.parametrize("name", WORKER_PARTS)

@@ -43,8 +43,9 @@ def _delivered(sink, ids: list[str]) -> bool:
     return set(ids) <= {r.insert_id for r in sink.accepted()}
 
 
-def _log_lines(workers_, phrase: str) -> list[str]:
-    return [line for w in workers_ for line in w.output().splitlines() if phrase in line]
+def _log_lines(workers_, message: str) -> list[str]:
+    """The lines whose message starts with `message` (not lines that only quote it, as a retry's reason may)."""
+    return [line for w in workers_ for line in w.output().splitlines() if f'msg="{message}' in line]
 
 
 def _max_attempts(engine) -> int:

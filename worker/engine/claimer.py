@@ -9,12 +9,13 @@ import logging
 import time
 
 from worker.engine.endpoint import Endpoint
+from worker.engine.health import DatabaseHealth
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
 from worker.engine.paths import Paths
 from worker.engine.policy import Dead
-from worker.engine.services import DatabaseHealth, StopSignal
+from worker.engine.services import StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import Settler
 from worker.engine.store import Claimed, DatabaseUnavailable, Store

@@ -14,6 +14,7 @@ from outbox.db import make_engine
 from worker.engine.calls import Calls
 from worker.engine.claimer import Claimer, Permits
 from worker.engine.endpoint import Endpoint
+from worker.engine.health import DatabaseHealth
 from worker.engine.inflight import InFlight
 from worker.engine.lifecycle import finish_or_release, wait_for_database
 from worker.engine.listener import Listener
@@ -21,7 +22,7 @@ from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
 from worker.engine.notify import Notifier
 from worker.engine.sender import Sender
-from worker.engine.services import DatabaseHealth, SideServices, StopSignal
+from worker.engine.services import SideServices, StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import SETTLE_DELAY, Settler
 from worker.engine.store import DatabaseUnavailable, Store

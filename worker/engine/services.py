@@ -1,11 +1,10 @@
 """What serves the delivery cycle from beside it: the stop signal, whose waits keep feeding the systemd
-watchdog; the backoff while the database is unavailable; and the side services (Prometheus /metrics and its
-queue gauges, the retention thread, a summary line a minute)."""
+watchdog, and the side services (Prometheus /metrics and its queue gauges, the retention thread, a summary line a
+minute). The backoff while the database is unavailable is worker.engine.health's."""
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import Counter
@@ -19,7 +18,6 @@ from worker.engine.metrics import Metrics
 from worker.engine.notify import Notifier
 from worker.engine.retention import start_retention
 from worker.engine.settings import Settings
-from worker.engine.store import DatabaseReadOnly
 
 SUMMARY_EVERY = 60.0
 QUEUE_GAUGES_EVERY = 15.0  # seconds between the queue-depth reads behind /metrics
@@ -56,51 +54,6 @@ class StopSignal(threading.Event):
                 return True
             self.keepalive()
         return self.is_set()
-
-
-class DatabaseHealth:
-    """Backs the loop off after each failed database step, longer after each failure in a row. A read-only
-    database (a failover in progress) is said once, shown by a gauge, and waited out on new connections."""
-
-    def __init__(self, stopping: StopSignal, metrics: Metrics | None = None,
-                 reconnect: Callable[[], None] | None = None) -> None:
-        self._stopping = stopping
-        self._metrics = metrics
-        self._reconnect = reconnect or (lambda: None)
-        self.failures = 0
-        self.read_only_since: float | None = None  # time.monotonic() of the first read-only refusal in a row
-
-    def ok(self) -> None:
-        """A database step succeeded."""
-        self.failures = 0
-        if self.read_only_since is not None:
-            event(log, logging.INFO, "the database accepts writes again; delivering",
-                  read_only_s=round(time.monotonic() - self.read_only_since, 1))
-            self._set_read_only(None)
-
-    def trouble(self, exc: Exception) -> None:
-        """A database step failed: log it and wait (jittered, doubling, at most 30 s), feeding the watchdog."""
-        self.failures += 1
-        delay = min(30.0, 0.25 * 2 ** min(self.failures, 8)) * (0.5 + random.random() / 2)
-        if isinstance(exc, DatabaseReadOnly):
-            self._read_only(exc, delay)
-        else:
-            event(log, logging.WARNING, "database unavailable, backing off", error=str(exc),
-                  retry_in_s=round(delay, 2), failures=self.failures)
-        self._stopping.pause(delay)
-
-    def _read_only(self, exc: DatabaseReadOnly, delay: float) -> None:
-        # The pooled connections may still lead to the demoted primary: the next ones look the host up anew.
-        self._reconnect()
-        if self.read_only_since is None:
-            event(log, logging.WARNING, "the database is read-only; waiting for a primary (reconnecting with "
-                  "backoff, nothing is lost meanwhile)", error=str(exc), retry_in_s=round(delay, 2))
-            self._set_read_only(time.monotonic())
-
-    def _set_read_only(self, since: float | None) -> None:
-        self.read_only_since = since
-        if self._metrics is not None:
-            self._metrics.set_database_read_only(since is not None)
 
 
 class SideServices:

@@ -8,12 +8,12 @@ import time
 from collections import Counter
 
 from worker.engine.endpoint import Endpoint
+from worker.engine.health import DatabaseHealth
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
 from worker.engine.outcomes import Batch, Unwritten, Written, split_outcomes, write
 from worker.engine.policy import Outcome, Retry
-from worker.engine.services import DatabaseHealth
 from worker.engine.settings import Settings
 from worker.engine.store import Claimed, DatabaseUnavailable, Store
 
