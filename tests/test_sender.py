@@ -3,6 +3,7 @@ in-process re-sends, and a stop that never lets a released row see another reque
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 
 import outbox
 from tests.conftest import status_of, wait_until
+from tests.rawhttp import RawServer, read_request
 from worker.devtools.fast_receiver import ReceiverProcess
 from worker.engine import Dead, Delivered, Retry, build_parser, from_args
 from worker.engine.claimer import Permits
@@ -22,6 +24,7 @@ from worker.engine.sender import Sender
 from worker.engine.settings import LEASE_MARGIN
 from worker.engine.store import Claimed, Store
 from worker.engine.timeouts import CALL_DEADLINE
+from worker.engine.transport import READ_LIMIT
 
 BODY = '{"event": "E", "properties": {"distinct_id": "u", "token": "tok-sender-test", "time": 1.7e9}}'
 ROW = Claimed(id=1, attempts=1, payload=BODY, insert_id="sender-test-1")
@@ -40,38 +43,10 @@ def _always(*_) -> bool:
     return True
 
 
-class RawServer:
-    """One listening socket whose every connection is handled by `serve(connection)` in a daemon thread."""
-
-    def __init__(self, serve) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/track"
-        self.requests = 0
-        threading.Thread(target=self._accept, args=(serve,), daemon=True).start()
-
-    def _accept(self, serve) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            self.requests += 1
-            threading.Thread(target=serve, args=(connection,), daemon=True).start()
-
-    def close(self) -> None:
-        self._listener.close()
-
-
-def _read_request(connection: socket.socket) -> None:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += connection.recv(65536)
-
-
 def test_only_the_head_of_a_huge_error_page_is_read():
     """A 100 MB error page: the excerpt comes from its first KiB, and the rest is never waited for."""
     def serve(connection: socket.socket) -> None:
-        _read_request(connection)
+        read_request(connection)
         connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 100000000\r\n\r\n" + b"oops " * 13000)
         time.sleep(30)  # the remaining 99.9 MB never come: reading them whole would end in a timeout
 
@@ -99,7 +74,7 @@ def test_a_trickling_answer_is_cut_at_the_requests_total_deadline():
 def test_a_re_send_starts_only_if_the_lease_holds_its_whole_deadline():
     def serve(connection: socket.socket) -> None:
         while True:
-            _read_request(connection)
+            read_request(connection)
             connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
 
     server = RawServer(serve)
@@ -183,3 +158,58 @@ def test_once_closed_no_send_starts_and_the_rows_not_started_stay_to_be_released
     assert wait_until(lambda: in_flight.finished(0.05) != [] or len(in_flight) < 3, 5)
     time.sleep(0.2)
     assert started == [1] and sorted(row.id for row in in_flight.rows()) == [2, 3]
+
+
+def _row(event: str, n: int = 1) -> Claimed:
+    body = json.dumps({"event": event, "properties": {"distinct_id": "u", "token": "tok-sender-test", "time": 1.7e9}})
+    return Claimed(id=n, attempts=1, payload=body, insert_id=f"sender-test-{event}")
+
+
+@pytest.mark.parametrize("interim", [b"103 Early Hints\r\nLink: </a.css>; rel=preload", b"102 Processing"],
+                         ids=["103", "102"])
+def test_interim_answers_are_skipped_and_the_connection_stays_in_step(interim):
+    """Event A is answered with an interim answer, then (a moment later) its real answer, a 400; then event B,
+    on the same keep-alive connection, with a 200. Each event gets its own answer."""
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            while request := read_request(connection):
+                if json.loads(request.partition(b"\r\n\r\n")[2])["event"] == "A":
+                    connection.sendall(b"HTTP/1.1 " + interim + b"\r\n\r\n")
+                    time.sleep(0.3)  # the interim answer is read alone, as when the server is still thinking
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nbad event A")
+                else:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    with RawServer(serve) as server:
+        sender = _sender(server.url, "--inline-attempts", "1")
+        first = sender.send(_row("A", 1), time.monotonic() + 60, _always)
+        second = sender.send(_row("B", 2), time.monotonic() + 60, _always)
+    assert first == Dead("HTTP 400: bad event A", 400)
+    assert second == Delivered(200)
+
+
+def test_an_answer_longer_than_the_read_limit_is_never_waited_for_and_its_connection_goes():
+    """A 400 longer than the read limit whose tail comes late (after the read timeout): the excerpt comes from
+    its head at once, the connection (in the middle of that answer) is closed, and the next send on the same
+    thread is delivered at its first attempt, on a new connection."""
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            while request := read_request(connection):
+                if json.loads(request.partition(b"\r\n\r\n")[2])["event"] == "A":
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % (READ_LIMIT + 1000)
+                                       + b"e" * READ_LIMIT)
+                    time.sleep(3)
+                    connection.sendall(b"e" * 1000)
+                else:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    with RawServer(serve) as server:
+        sender = _sender(server.url, "--read-timeout", "2", "--inline-attempts", "1")
+        started = time.monotonic()
+        first = sender.send(_row("A", 1), time.monotonic() + 60, _always)
+        took = time.monotonic() - started
+        second = sender.send(_row("B", 2), time.monotonic() + 60, _always)
+        assert server.requests == 2  # connections: the second send did not reuse the first's
+    assert isinstance(first, Dead) and first.status == 400 and first.reason.startswith("HTTP 400: eee"), first
+    assert took < 1.0, f"waited {took:.1f} s for a tail that was never needed"
+    assert second == Delivered(200)
