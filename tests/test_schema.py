@@ -157,5 +157,5 @@ def test_under_a_held_snapshot_the_fresh_claim_never_visits_what_lies_below_the_
 def _claimed_and_delivered(store, floor) -> int:
     rows, _, snapshot = store.claim_fresh(floor.value, 100, 1e6)
     floor.observe([row.id for row in rows], 100, snapshot)
-    store.mark_delivered([row.id for row in rows], [200] * len(rows))
+    store.mark_delivered(rows, [200] * len(rows))
     return len(rows)

@@ -100,22 +100,22 @@ class Claimer:
         free = self._settings.concurrency - len(self._in_flight)
         return started >= self._permits.chunk and free >= self._claim_at_least
 
-    def release(self, ids: list[int]) -> None:
+    def release(self, rows: list[Claimed]) -> None:
         """Hand claimed rows back, due at once; if the database is away, their leases bring them back."""
         try:
-            self._store.release(ids)
+            self._store.release(rows)
         except DatabaseUnavailable as exc:
             event(log, logging.WARNING, "could not release rows; they return when their lease expires",
-                  count=len(ids), error=str(exc))
+                  count=len(rows), error=str(exc))
 
     def _start(self, rows: list[Claimed], wait: float, lease_ends: float) -> int:
         if wait > self._settings.lease.total_seconds() / 2:
             # A long global pause (after a 429): hand the rows back rather than sit on them.
-            self.release([row.id for row in rows])
+            self.release(rows)
             self._stopping.pause(wait - 1.0)
             return 0
         if self._permits.wait_out(wait, self._stopping):
-            self.release([row.id for row in rows])
+            self.release(rows)
             return 0
         for row in rows:
             if self._settings.backoff.exhausted(row.attempts - 1):

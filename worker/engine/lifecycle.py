@@ -57,7 +57,7 @@ def finish_or_release(in_flight: InFlight, settler: Settler, claimer: Claimer, g
     in_flight.close()  # before the release: once released, a row must never see a request from us again
     settler.collect(timeout=0)
     settler.settle(force=True)
-    leftover = [row.id for row in in_flight.rows()]
+    leftover = in_flight.rows()
     # If settling just failed, the database is away and a release would only spend another call's deadline
     # of the 30 s a stop may take: the leases bring those rows back.
     if leftover and not settler.unsettled:

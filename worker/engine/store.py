@@ -170,20 +170,22 @@ class Store:
         row = self._run(queries.ENDPOINT_UP, {}).rows[0]
         return row.down_s, int(row.made_due)
 
-    def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
-        return self._update(queries.MARK_DELIVERED, ids=ids, statuses=statuses)
+    # The settle statements take the claims themselves: each row's id and the attempt its claim counted, so
+    # that only that claim is settled (queries.MARK_DELIVERED).
+    def mark_delivered(self, rows: list[Claimed], statuses: list[int]) -> int:
+        return self._update(queries.MARK_DELIVERED, rows, statuses=statuses)
 
-    def schedule_retry(self, ids: list[int], delays: list[float], statuses: list[int | None], errors: list[str],
-                       counted: list[bool] | None = None) -> int:
-        counted = [True] * len(ids) if counted is None else counted
-        return self._update(queries.SCHEDULE_RETRY, ids=ids, delays=delays, statuses=statuses, errors=errors,
+    def schedule_retry(self, rows: list[Claimed], delays: list[float], statuses: list[int | None],
+                       errors: list[str], counted: list[bool] | None = None) -> int:
+        counted = [True] * len(rows) if counted is None else counted
+        return self._update(queries.SCHEDULE_RETRY, rows, delays=delays, statuses=statuses, errors=errors,
                             counted=counted)
 
-    def mark_dead(self, ids: list[int], statuses: list[int | None], errors: list[str]) -> int:
-        return self._update(queries.MARK_DEAD, ids=ids, statuses=statuses, errors=errors)
+    def mark_dead(self, rows: list[Claimed], statuses: list[int | None], errors: list[str]) -> int:
+        return self._update(queries.MARK_DEAD, rows, statuses=statuses, errors=errors)
 
-    def release(self, ids: list[int]) -> int:
-        return self._update(queries.RELEASE, ids=ids)
+    def release(self, rows: list[Claimed]) -> int:
+        return self._update(queries.RELEASE, rows)
 
     def anything_unfinished(self) -> bool:
         return bool(self._run(queries.ANY_UNFINISHED, {}).rows[0].exists)
@@ -198,11 +200,12 @@ class Store:
         row = self._run(queries.PAUSE_ALL, {"pause_s": seconds}).rows[0]
         return row.set_at, row.until
 
-    def _update(self, statement, **params) -> int:
-        if not params["ids"]:
+    def _update(self, statement, rows: list[Claimed], **params) -> int:
+        if not rows:
             return 0
+        claims = {"ids": [row.id for row in rows], "attempts": [row.attempts for row in rows]}
         try:
-            return self._run(statement, {"owner": self.owner, **params}).rowcount
+            return self._run(statement, {"owner": self.owner, **claims, **params}).rowcount
         except (psycopg.Error, UnicodeError) as exc:  # a lost connection is DatabaseUnavailable, raised as such
             raise StatementRefused(_describe(exc)) from exc
 
