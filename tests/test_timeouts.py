@@ -113,6 +113,47 @@ def test_a_link_that_swallows_packets_is_cut_at_the_deadline_and_nothing_is_lost
     assert "Traceback" not in worker.output(), worker.output()
 
 
+def test_the_deadline_watch_survives_a_connection_it_cannot_read_and_keeps_cutting(db_url):
+    """On a lost connection, pgconn.socket raises psycopg.OperationalError: the watch must not die of it (it
+    did, and the deadline was gone for the life of the process). A call past its deadline later is still cut."""
+    import psycopg
+
+    from worker.engine.timeouts import CallDeadlines
+
+    deadlines = CallDeadlines(deadline=0.5)
+    lost = psycopg.connect(_conninfo(db_url))
+    lost.close()
+    with deadlines.guard(lost):
+        time.sleep(1.0)  # the watch finds it past its deadline, and cannot read its socket
+    _assert_a_long_call_is_cut(deadlines, db_url)
+
+
+def test_a_deadline_watch_that_died_is_started_again(db_url):
+    from worker.engine.timeouts import CallDeadlines
+
+    deadlines = CallDeadlines(deadline=0.5)
+    dead = threading.Thread(target=lambda: None)  # as a watch thread that ended, whatever ended it
+    dead.start()
+    dead.join()
+    deadlines._thread = dead
+    _assert_a_long_call_is_cut(deadlines, db_url)
+
+
+def _conninfo(db_url) -> str:
+    return db_url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _assert_a_long_call_is_cut(deadlines, db_url) -> None:
+    """A 10 s statement under `deadlines` (0.5 s) fails within a few seconds: its connection was cut."""
+    import psycopg
+
+    with psycopg.connect(_conninfo(db_url), autocommit=True) as live:
+        started = time.monotonic()
+        with deadlines.guard(live), pytest.raises(psycopg.OperationalError):
+            live.execute("SELECT pg_sleep(10)")
+        assert time.monotonic() - started < 3
+
+
 def test_every_worker_connection_has_keepalives_and_the_servers_timeouts(db_url):
     from worker.engine import Worker, build_parser, from_args
 

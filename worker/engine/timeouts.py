@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 from sqlalchemy import Connection, Engine, event
 
 from worker.engine.logs import event as log_event
@@ -75,7 +76,7 @@ class CallDeadlines:
     def _arm(self, key: int, dbapi_connection) -> None:
         with self._lock:
             self._armed[key] = (time.monotonic() + self._deadline, dbapi_connection)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # never started, or died: (re)start it
                 self._thread = threading.Thread(target=self._watch, name="fp-outbox-db-deadline", daemon=True)
                 self._thread.start()
 
@@ -84,14 +85,25 @@ class CallDeadlines:
             self._armed.pop(key, None)
 
     def _watch(self) -> None:
+        failing = False
         while True:
             time.sleep(WATCH_EVERY)
-            now = time.monotonic()
-            with self._lock:  # held while cutting, so a connection returned meanwhile is never cut
-                for key, (deadline, dbapi_connection) in list(self._armed.items()):
-                    if now > deadline:
-                        del self._armed[key]
-                        _cut(dbapi_connection, self._deadline)
+            try:
+                self._look()
+                failing = False
+            except Exception as exc:  # whatever a connection does, the watch goes on: it is the only deadline
+                if not failing:
+                    log_event(log, logging.WARNING, "the database deadline's watch failed a look; it goes on",
+                              error=f"{exc.__class__.__name__}: {exc}")
+                failing = True
+
+    def _look(self) -> None:
+        now = time.monotonic()
+        with self._lock:  # held while cutting, so a connection returned meanwhile is never cut
+            for key, (deadline, dbapi_connection) in list(self._armed.items()):
+                if now > deadline:
+                    del self._armed[key]
+                    _cut(dbapi_connection, self._deadline)
 
 
 def _set_server_limits(conn: Connection) -> None:
@@ -111,7 +123,7 @@ def _cut(dbapi_connection, deadline: float) -> None:
     try:
         with socket.socket(fileno=os.dup(dbapi_connection.pgconn.socket)) as sock:
             sock.shutdown(socket.SHUT_RDWR)
-    except (OSError, ValueError, AttributeError):
-        return  # already closed: nothing is blocked on it
+    except (psycopg.Error, OSError, ValueError, AttributeError):
+        return  # closed or lost already (pgconn.socket raises psycopg's OperationalError): nothing is blocked on it
     log_event(log, logging.WARNING, "a database call outlived its deadline; its connection was cut",
               deadline_s=deadline)
