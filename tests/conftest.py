@@ -102,9 +102,10 @@ def clean(engine: Engine) -> Engine:
 
 @pytest.fixture
 def sink() -> Iterator:
+    """The receiver, its random faults (error_rate, reset_rate) drawn from a seeded generator."""
     from worker.devtools.sink import Sink
 
-    with Sink(burst_limit=None) as receiver:
+    with Sink(burst_limit=None, seed=20261204) as receiver:
         yield receiver
 
 
