@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class RawServer:
@@ -53,3 +54,54 @@ def read_request(connection: socket.socket) -> bytes:
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+def self_signed(folder) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, written into `folder`: (cert path, key path)."""
+    import subprocess
+
+    cert, key = f"{folder}/cert.pem", f"{folder}/key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+class TLSServer:
+    """An HTTPS endpoint on raw sockets: each connection's TLS handshake starts `delay()` seconds after the
+    connection is accepted; each request is answered `answer`. `cert` is the certificate to trust. It records
+    when each connection came and when each request arrived (time.monotonic())."""
+
+    def __init__(self, folder, delay, answer: bytes) -> None:
+        import ssl
+
+        self.cert, key = self_signed(folder)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(self.cert, key)
+        self._delay, self._answer = delay, answer
+        self.connected: list[float] = []
+        self.arrived: list[float] = []
+        self._server = RawServer(self._serve)
+        self.url = f"https://127.0.0.1:{self._server.port}/track"
+
+    def _serve(self, connection: socket.socket) -> None:
+        self.connected.append(time.monotonic())
+        time.sleep(self._delay())
+        try:
+            with self._context.wrap_socket(connection, server_side=True) as tls:
+                while read_request(tls):
+                    self.arrived.append(time.monotonic())
+                    tls.sendall(self._answer)
+                    if b"Connection: close" in self._answer:
+                        return
+        except OSError:  # ssl.SSLError too: the client gave up (its connect timeout, or its process ended)
+            return
+
+    def close(self) -> None:
+        self._server.close()
+
+    def __enter__(self) -> TLSServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -6,13 +6,12 @@ from __future__ import annotations
 import http.server
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.rawhttp import RawServer, read_request
+from tests.rawhttp import RawServer, read_request, self_signed
 from worker.devtools.fast_receiver import ReceiverProcess
 from worker.engine.policy import DeadlineExceeded, classify_exception
 from worker.engine.transport import Transport
@@ -47,10 +46,7 @@ class _Answer200(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def tls_server(tmp_path):
     """An HTTPS server on 127.0.0.1 with a self-signed certificate; yields (url, the certificate's path)."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed(tmp_path)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer200)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)

@@ -13,14 +13,16 @@ unacknowledged sends, but not a middlebox that acknowledges and then drops every
 our own does.
 
 The numbers come from the worker's other deadlines: a loop turn that waits on one call of at most
-CALL_DEADLINE (7 s), then backs off feeding the watchdog, stays well inside WatchdogSec=30; and a
-shutdown of at most 20 s of grace plus one failed call ends within the promised 30 s.
+CALL_DEADLINE (7 s), then backs off feeding the watchdog, stays well inside WatchdogSec=30. A stop brings
+every call's end closer (cap(): the stop budget, worker.engine.settings.StopBudget), connection attempts
+included, so that the stop fits its 30 s however the database behaves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -36,6 +38,7 @@ from worker.engine.logs import log
 STATEMENT_TIMEOUT = 5.0  # seconds: any of the worker's statements takes milliseconds
 CALL_DEADLINE = STATEMENT_TIMEOUT + 2.0  # seconds a connection may be held: the server's limit comes first
 WATCH_EVERY = 0.25  # seconds between the watch's looks at the connections in use
+MIN_CONNECT_TIMEOUT = 2  # seconds: libpq (and psycopg) wait at least this long for a connection, whatever is asked
 
 
 def server_limits(seconds: float) -> str:
@@ -56,13 +59,30 @@ class CallDeadlines:
         self._armed: dict[int, tuple[float, object]] = {}  # id(pool entry or connection) -> (deadline, dbapi conn)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._cap = math.inf  # no call outlives this (time.monotonic()), once a stop set it
 
     def attach(self, engine: Engine) -> None:
-        """Limit every transaction of `engine` on the server, and every checkout from its pool here."""
+        """Limit every transaction of `engine` on the server, and every checkout from its pool here (and, once
+        capped, every connection attempt)."""
         event.listen(engine, "begin", _set_server_limits)
+        event.listen(engine, "do_connect", self._limit_connect)
         event.listen(engine.pool, "checkout", lambda dbapi, entry, _proxy: self._arm(id(entry), dbapi))
         for name in ("checkin", "detach", "invalidate"):  # back in the pool, taken out of it, or dropped
             event.listen(engine.pool, name, lambda _dbapi, entry, *_: self._disarm(id(entry)))
+
+    def cap(self, until: float) -> None:
+        """From now on no call or connection attempt outlives `until` (time.monotonic()), those under way
+        included. Takes no lock: a signal handler may call it."""
+        self._cap = until
+
+    def _limit_connect(self, _dialect, _record, _cargs, cparams: dict) -> None:
+        """A connection attempt made once capped waits no longer than the cap leaves (or is not made)."""
+        if self._cap == math.inf:
+            return
+        left = math.floor(self._cap - time.monotonic())
+        if left < MIN_CONNECT_TIMEOUT:
+            raise psycopg.OperationalError("no time left to connect: the worker is stopping")
+        cparams["connect_timeout"] = min(int(cparams.get("connect_timeout") or left), left)
 
     @contextlib.contextmanager
     def guard(self, dbapi_connection) -> Iterator[None]:
@@ -75,7 +95,7 @@ class CallDeadlines:
 
     def _arm(self, key: int, dbapi_connection) -> None:
         with self._lock:
-            self._armed[key] = (time.monotonic() + self._deadline, dbapi_connection)
+            self._armed[key] = (min(time.monotonic() + self._deadline, self._cap), dbapi_connection)
             if self._thread is None or not self._thread.is_alive():  # never started, or died: (re)start it
                 self._thread = threading.Thread(target=self._watch, name="fp-outbox-db-deadline", daemon=True)
                 self._thread.start()
@@ -101,7 +121,7 @@ class CallDeadlines:
         now = time.monotonic()
         with self._lock:  # held while cutting, so a connection returned meanwhile is never cut
             for key, (deadline, dbapi_connection) in list(self._armed.items()):
-                if now > deadline:
+                if now > min(deadline, self._cap):
                     del self._armed[key]
                     _cut(dbapi_connection, self._deadline)
 

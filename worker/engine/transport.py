@@ -15,6 +15,7 @@ import http.client
 import math
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import NamedTuple
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.proxy import connection_requires_http_tunnel
+from urllib3.util.wait import wait_for_read
 
 READ_LIMIT = 8 * 1024  # bytes of an answer read at most: enough for the excerpt, whatever the endpoint sends
 REAP_EVERY = 0.1  # seconds between the reaper's looks: a request may overrun its deadline by this much
@@ -121,12 +123,12 @@ class Transport:
 
     def _connection(self):
         """This thread's connection, made by the pool with its TLS and proxy settings; dropped if the server
-        closed it while idle, or sent anything unasked (as the pool checks before reusing one)."""
+        closed it while idle, or sent anything unasked."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = self._local.connection = self._pool._new_conn()
             connection.response_class = _FinalAnswer
-        elif connection.sock is not None and not connection.is_connected:
+        elif connection.sock is not None and not _usable(connection.sock):
             connection.close()
         return connection
 
@@ -137,6 +139,24 @@ class Transport:
         else:
             connection.connect()
         connection.sock.settimeout(self._read_timeout)
+
+
+def _usable(sock) -> bool:
+    """An idle connection the server neither closed nor wrote to. The pool's own check (anything to read?) takes a
+    TLS 1.3 session ticket, which a connection that has not read an answer yet still holds, for a closed one."""
+    if not wait_for_read(sock, timeout=0.0):
+        return True
+    previous = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        sock.recv(1)  # the end of the connection, or a byte nobody asked for: either way it cannot be used
+        return False
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return True  # TLS's own records only (a session ticket), now processed
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(previous)
 
 
 def _translated(exc: BaseException) -> BaseException:
