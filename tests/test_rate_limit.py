@@ -22,7 +22,8 @@ from tests.conftest import status_of, wait_until
 from tests.inprocess import settings, start
 from tests.rawhttp import TLSServer
 from worker.engine import Worker
-from worker.engine.permits import CHUNK_FRACTION
+from worker.engine.permits import CHUNK_FRACTION, Permits
+from worker.engine.metrics import Metrics
 from worker.engine.store import Grant, Store
 from worker.devtools.fast_receiver import ReceiverProcess
 
@@ -253,3 +254,39 @@ def test_requests_that_cannot_start_within_their_slices_take_new_ones(clean, db_
     busiest = busiest_window(arrivals)
     print(f"{len(arrivals)} requests over {max(arrivals) - min(arrivals):.2f} s, at most {busiest} in one second")
     assert busiest <= limit, f"{busiest} requests arrived within one second"
+
+
+def _schedule_ahead(engine, seconds: float) -> None:
+    """The shared schedule `seconds` ahead of the database's clock, as a step back of that clock leaves it."""
+    with engine.begin() as conn:
+        conn.execute(text("SELECT setval('fp_outbox_rate_limit_seq', "
+                          "((extract(epoch FROM clock_timestamp()) + :s) * 1e6)::bigint)"), {"s": seconds})
+
+
+def test_a_clock_step_back_on_the_database_host_never_stalls_delivery(clean, db_url, sink, workers):
+    """The schedule an hour in the future (the database's clock stepped back an hour, or a failover to a host an
+    hour behind): every grant would wait an hour. The worker resets it, says so, and delivers at once."""
+    _schedule_ahead(clean, 3600)
+    committed = _enqueue(clean, 20)
+    worker = workers(db_url, sink.url, "--drain", *FAST_PROCESS)
+    assert worker.wait(30) == 0, worker.output()
+    assert {r.insert_id for r in sink.accepted()} == set(committed)
+    assert "the shared rate schedule was far ahead of the database's clock" in worker.output()
+
+
+def test_a_re_send_after_a_clock_step_is_not_held_either(clean):
+    store = Store(clean, "me", 30.0)
+    permits = Permits(store, settings(clean.url, "http://127.0.0.1:9/track"), Metrics())
+    _schedule_ahead(clean, 3600)
+    started = time.monotonic()
+    assert permits.take(1, max_wait=5.0) is not None
+    assert time.monotonic() - started < 2
+
+
+def test_a_429_pause_as_long_as_retry_after_cap_is_kept(clean):
+    """What the schedule may legitimately hold: a pause of up to --retry-after-cap (600 s by default) stands."""
+    store = Store(clean, "me", 30.0)
+    permits = Permits(store, settings(clean.url, "http://127.0.0.1:9/track"), Metrics())
+    store.pause_all(600)
+    assert permits.take(1, max_wait=5.0) is None
+    assert store.reset_permits(600 + 60) is None  # nothing to reset

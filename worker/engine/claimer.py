@@ -78,6 +78,9 @@ class Claimer:
 
     def _start(self, rows: list[Claimed], grant: Grant, lease_ends: float) -> int:
         wait, slice_ends = grant.wait_s, self._permits.slice_ends(grant)
+        if self._permits.runaway(grant):  # claimed again at once, on the schedule put right
+            self.release(rows)
+            return 0
         if wait > self._settings.lease.total_seconds() / 2:
             # A long global pause (after a 429): hand the rows back rather than sit on them.
             self.release(rows)

@@ -160,6 +160,16 @@ ACQUIRE_PERMITS = text(
     """
 )
 
+# The schedule is absolute time on the database's clock: after a step back of that clock (or a failover to a
+# host whose clock is behind) it lies in the future. A grant that starts further ahead than the schedule can
+# legitimately run puts it back to now (fp_outbox_reset_permits, migration 0004, under the same lock); how
+# far ahead it was comes back when it did, else null.
+RESET_PERMITS = text(
+    """
+    SELECT fp_outbox_reset_permits(CAST(:max_ahead_s AS float8)) AS ahead_s
+    """
+)
+
 # A 429 slows every worker, not just the one that got it: no slice starts before the pause ends.
 # `set_at` is read after the pause is in place, for the tests that check nobody started during it.
 PAUSE_ALL = text(

@@ -195,6 +195,11 @@ class Store:
         row = self._run(queries.ACQUIRE_PERMITS, {"span_s": count / rate}).rows[0]
         return Grant(count, row.starts_at, row.wait_s)
 
+    def reset_permits(self, max_ahead: float) -> float | None:
+        """Put the shared schedule back to now if it is more than `max_ahead` seconds ahead of the database's
+        clock; returns how far ahead it was when it did so, else None."""
+        return self._run(queries.RESET_PERMITS, {"max_ahead_s": max_ahead}).rows[0].ahead_s
+
     def pause_all(self, seconds: float) -> tuple[float, float]:
         """No worker may start a request for `seconds` (a 429); returns (set_at, until), epoch seconds."""
         row = self._run(queries.PAUSE_ALL, {"pause_s": seconds}).rows[0]
