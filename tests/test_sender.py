@@ -227,36 +227,66 @@ def test_an_answer_longer_than_the_read_limit_is_never_waited_for_and_its_connec
     assert second == Delivered(200)
 
 
-def test_no_byte_of_a_request_is_written_once_its_row_is_released(clean, db_url, tmp_path, monkeypatch):
-    """A stop whose grace ends while a re-send is still in its TLS handshake (the row was let go before the
-    handshake ended): the request must never be written, and the row is released. The worker runs in this
-    process (stopped as its signal handler does), so its sending thread outlives the release here: in a worker
-    process of its own, the exit that follows the release would hide a request written after it."""
-    from tests.inprocess import settings, start
-    from worker.engine import Worker
+# A whole request is 3.2 s, so a stop's grace (a request's deadline and the reaper's tick) is under 3.5 s: the
+# first attempt (2.3 s of handshake, then a 503) ends inside it, the re-send starts inside it and is still in
+# its handshake when it ends.
+SLOW_HANDSHAKE = 2.3
+ONE_AT_A_TIME = ["--concurrency", "1", "--connect-timeout", "3", "--read-timeout", "0.2", "--inline-attempts", "3",
+                 "--poll-interval", "0.2"]
 
+
+def _one_event_and_an_endpoint_slow_to_shake_hands(clean, folder) -> TLSServer:
+    """One event enqueued, and an HTTPS endpoint whose every handshake comes SLOW_HANDSHAKE late and whose every
+    answer is a 503 that closes the connection (so a re-send needs a handshake of its own)."""
     with Session(clean) as session:
         outbox.enqueue(session, {"event": "E", "properties": {"distinct_id": "u"}})
         session.commit()
     busy = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbusy"
-    endpoint = TLSServer(tmp_path, lambda: 2.3, busy)  # every handshake 2.3 s late; a 503, and the connection closed
+    return TLSServer(folder, lambda: SLOW_HANDSHAKE, busy)
+
+
+def _nothing_arrives_after(endpoint: TLSServer, released_at: float) -> None:
+    assert len(endpoint.connected) == 2 and len(endpoint.arrived) == 1  # the re-send was under way at the release
+    time.sleep(max(0.0, endpoint.connected[1] + SLOW_HANDSHAKE + 1.0 - time.monotonic()))  # its handshake is over
+    assert [at for at in endpoint.arrived if at > released_at] == []
+
+
+def test_no_byte_of_a_request_is_written_once_its_row_is_released(clean, db_url, tmp_path, monkeypatch):
+    """A stop whose grace ends while a re-send is still in its TLS handshake (the row is let go before the
+    handshake ends): the request must never be written, and the row is released. The worker runs in this
+    process (stopped as its signal handler does), so its sending thread outlives the release here: in a worker
+    process of its own, the exit that follows the release hides a request written after it (but for a race)."""
+    from tests.inprocess import settings, start
+    from worker.engine import Worker
+
+    endpoint = _one_event_and_an_endpoint_slow_to_shake_hands(clean, tmp_path)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", endpoint.cert)
-    # A whole request is 3.2 s, so the grace (a request's deadline and the reaper's tick) is under 3.5 s: the
-    # first attempt (2.3 s of handshake, then a 503) ends inside it, the re-send starts inside it and is still
-    # in its handshake when it ends.
-    worker = Worker(settings(db_url, endpoint.url, "--concurrency", "1", "--connect-timeout", "3", "--read-timeout",
-                             "0.2", "--inline-attempts", "3", "--poll-interval", "0.2"))
+    worker = Worker(settings(db_url, endpoint.url, *ONE_AT_A_TIME))
     runner = start(worker)
     try:
         assert wait_until(lambda: endpoint.connected, 20)
         worker.stop()
         runner.join(30)
         assert not runner.is_alive()
-        released_at, arrived = time.monotonic(), len(endpoint.arrived)
-        assert len(endpoint.connected) == 2 and arrived == 1  # the re-send was under way at the release
-        time.sleep(max(0.0, endpoint.connected[1] + 2.3 + 1.0 - time.monotonic()))  # its handshake is over by now
-        assert [at for at in endpoint.arrived if at > released_at] == []
+        _nothing_arrives_after(endpoint, released_at=time.monotonic())
         assert status_of(clean) == {"pending": 1}
     finally:
         worker.engine.dispose()
+        endpoint.close()
+
+
+def test_sigterm_to_a_worker_in_a_slow_handshake_sends_nothing_for_the_released_row(clean, db_url, tmp_path,
+                                                                                     workers):
+    """The same stop, by SIGTERM to a worker process: it exits 0, the row is released, and no request for it
+    arrives after the release (as the database shows it)."""
+    endpoint = _one_event_and_an_endpoint_slow_to_shake_hands(clean, tmp_path)
+    try:
+        worker = workers(db_url, endpoint.url, *ONE_AT_A_TIME, env={"REQUESTS_CA_BUNDLE": endpoint.cert})
+        assert wait_until(lambda: endpoint.connected, 20), worker.output()
+        worker.signal(signal.SIGTERM)
+        assert wait_until(lambda: status_of(clean) == {"pending": 1}, 20, interval=0.01), worker.output()
+        released_at = time.monotonic()
+        assert worker.wait(30) == 0, worker.output()
+        _nothing_arrives_after(endpoint, released_at)
+    finally:
         endpoint.close()
