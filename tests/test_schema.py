@@ -61,7 +61,7 @@ def test_0004_takes_no_lock_on_the_table_and_keeps_the_previous_releases_functio
         upgrade(url, "0003")
         with eng.connect() as holder:
             holder.execute(text("LOCK TABLE fp_outbox_events IN ACCESS EXCLUSIVE MODE"))
-            done = threading.Thread(target=upgrade, args=(url,), daemon=True)
+            done = threading.Thread(target=upgrade, args=(url, "0004"), daemon=True)
             done.start()
             done.join(30)
             assert not done.is_alive(), "0004 waited for a lock on fp_outbox_events"
