@@ -85,7 +85,8 @@ def test_answers_switched_while_a_worker_runs(clean, db_url, sink, workers):
         sink.set_faults(**phase)
         seen = len(sink.received())
         assert wait_until(lambda: len(sink.received()) >= seen + 25 and (
-            shows is None or any(r.status == shows for r in sink.received()[seen:])), 30), (phase, worker.output())
+            shows is None or any(r.status == shows for r in sink.received()[seen:])), 30), \
+            (phase, worker.output())
     sink.set_faults(latency=0.01, error_rate=0.0)
     assert worker.wait(120) == 0, worker.output()
     by_id = _check_delivery(sink, committed, rolled_back)

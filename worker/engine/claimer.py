@@ -19,7 +19,7 @@ from worker.engine.policy import Dead
 from worker.engine.services import StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import Settler
-from worker.engine.store import Claimed, DatabaseUnavailable, Store
+from worker.engine.store import Claimed, DatabaseUnavailable, Grant, Store
 
 class Claimer:
     """Claims up to a chunk of due rows whenever enough sending slots are free, and starts sending them."""
