@@ -87,5 +87,6 @@ endpoint = Table(
 # The global rate limiter's one number (GCRA's "theoretical arrival time", in microseconds since the epoch),
 # shared by every worker so that together they stay under the requests-per-second cap. A sequence, not a
 # row: it is updated in place, so it leaves no row versions behind under a long-running snapshot. Read and
-# written only by the SQL functions fp_outbox_take_permits and fp_outbox_pause_permits (migration 0003).
+# written only by the SQL functions fp_outbox_take_permits and fp_outbox_pause_permits (migration 0003), and
+# fp_outbox_reset_permits, which puts it back to the database's clock after a clock step (migration 0004).
 rate_limit_sequence = Sequence("fp_outbox_rate_limit_seq", metadata=metadata, minvalue=0, start=0)

@@ -94,9 +94,10 @@ class Waker:
         """Ask for a wake-up `delay` seconds from now (debounced); never blocks on the database."""
         with self._cond:
             self._debounce.request(time.monotonic() + delay)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="fp-outbox-waker", daemon=True)
-                self._thread.start()
+            if self._thread is None or not self._thread.is_alive():  # none yet, or one that never ran or died
+                thread = threading.Thread(target=self._run, name="fp-outbox-waker", daemon=True)
+                thread.start()  # may raise (a thread limit): then the next poke tries again
+                self._thread = thread
             self._cond.notify()
 
     def _run(self) -> None:

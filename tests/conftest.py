@@ -102,9 +102,10 @@ def clean(engine: Engine) -> Engine:
 
 @pytest.fixture
 def sink() -> Iterator:
+    """The receiver, its random faults (error_rate, reset_rate) drawn from a seeded generator."""
     from worker.devtools.sink import Sink
 
-    with Sink(burst_limit=None) as receiver:
+    with Sink(burst_limit=None, seed=20261204) as receiver:
         yield receiver
 
 
@@ -116,7 +117,7 @@ class WorkerProcess:
     """A real `fp-outbox-worker` process; its output goes to a file so it can never block on a pipe."""
 
     def __init__(self, db_url: URL, endpoint: str, *args: str, log_dir: Path, token: str | None = TOKEN,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, nice: int = 0) -> None:
         self.log_path = log_dir / f"worker-{next(_names)}.log"
         cmd = [sys.executable, "-m", "worker", "--database-url", url_string(db_url), "--endpoint", endpoint, *args]
         if token:
@@ -124,7 +125,8 @@ class WorkerProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("FP_OUTBOX_")}
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
     def wait(self, timeout: float) -> int:
         try:

@@ -69,7 +69,7 @@ def test_a_claim_and_a_settle_take_one_round_trip_each(clean, db_url, tmp_path):
     _trace_what_is_sent(engine, tmp_path / "trace")
     store = Store(engine, "me", 30.0)
     rows, _, _ = store.claim_fresh(0, 10, 1e6)
-    assert store.mark_delivered([row.id for row in rows], [200] * len(rows)) == 5
+    assert store.mark_delivered(rows, [200] * len(rows)) == 5
     engine.dispose()
     sent = _sent(tmp_path / "trace")
     assert [message.split("\t")[2].strip() for message in sent] == ["Query", "Query", "Terminate"], sent
@@ -187,7 +187,7 @@ def test_rows_held_by_a_claim_that_rolls_back_are_claimed_again_above_the_floor(
     def claim() -> list[str]:
         rows, _, snapshot = store.claim_fresh(floor.value, 100, 1e6)
         floor.observe([row.id for row in rows], 100, snapshot)
-        store.mark_delivered([row.id for row in rows], [200] * len(rows))
+        store.mark_delivered(rows, [200] * len(rows))
         return [row.insert_id for row in rows]
 
     assert len(claim() + claim()) == 0
@@ -222,14 +222,34 @@ def test_a_lease_lost_to_another_worker_is_never_settled_by_the_first(clean):
     [again], _ = second.claim_due(10, 1e6)
     assert again.id == row.id and again.attempts == 2
     # The first worker wakes up and settles what it believes it still holds: nothing may change.
-    assert first.mark_delivered([row.id], [200]) == 0
-    assert first.schedule_retry([row.id], [5.0], [503], ["HTTP 503"]) == 0
-    assert first.mark_dead([row.id], [400], ["HTTP 400"]) == 0
-    assert first.release([row.id]) == 0
+    assert first.mark_delivered([row], [200]) == 0
+    assert first.schedule_retry([row], [5.0], [503], ["HTTP 503"]) == 0
+    assert first.mark_dead([row], [400], ["HTTP 400"]) == 0
+    assert first.release([row]) == 0
     assert tuple(_row(clean, row.id))[:3] == ("in_flight", 2, "second")
-    assert second.mark_delivered([row.id], [200]) == 1
-    assert first.schedule_retry([row.id], [5.0], [503], ["HTTP 503"]) == 0  # nor resurrect it afterwards
+    assert second.mark_delivered([again], [200]) == 1
+    assert first.schedule_retry([row], [5.0], [503], ["HTTP 503"]) == 0  # nor resurrect it afterwards
     assert _row(clean, row.id).status == "delivered"
+
+
+def test_the_late_outcome_of_a_superseded_claim_of_the_same_worker_is_never_settled(clean):
+    """One worker claims a row; its send outlives the lease (the row is due again) and the same worker claims it
+    again. The first claim's outcome, arriving late, has the right owner: it must still settle nothing, and the
+    second claim's must settle the row."""
+    _enqueue(clean, 2)
+    store = Store(clean, "me", 0.3)
+    first = store.claim_fresh(0, 10, 1e6)[0]
+    assert wait_until(lambda: all(_row(clean, row.id).due for row in first), 10)
+    second, _ = store.claim_due(10, 1e6)
+    assert [row.id for row in second] == [row.id for row in first] and {row.attempts for row in second} == {2}
+    assert store.mark_delivered(first[:1], [200]) == 0
+    assert store.schedule_retry(first[:1], [5.0], [503], ["HTTP 503"]) == 0
+    assert store.mark_dead(first[:1], [400], ["HTTP 400"]) == 0
+    assert store.release(first) == 0
+    assert {tuple(_row(clean, row.id))[:3] for row in first} == {("in_flight", 2, "me")}
+    assert store.mark_dead(second[:1], [400], ["HTTP 400"]) == 1
+    assert store.release(second[1:]) == 1
+    assert [tuple(_row(clean, row.id))[:2] for row in second] == [("dead", 2), ("pending", 1)]
 
 
 def test_release_gives_the_attempt_back_and_makes_the_row_due_at_once(clean):
@@ -237,5 +257,5 @@ def test_release_gives_the_attempt_back_and_makes_the_row_due_at_once(clean):
     store = Store(clean, "me", 30.0)
     rows, _, _ = store.claim_fresh(0, 10, 1e6)
     assert [row.attempts for row in rows] == [1, 1]
-    assert store.release([row.id for row in rows]) == 2
+    assert store.release(rows) == 2
     assert {tuple(_row(clean, row.id)) for row in rows} == {("pending", 0, None, True)}

@@ -74,17 +74,19 @@ def test_answers_switched_while_a_worker_runs(clean, db_url, sink, workers):
     bad = _enqueue(clean, 10, name="Rejected")
     sink.set_faults(reject_events={"Rejected": 400}, latency=0.01)
     worker = workers(db_url, sink.url, "--drain", "--concurrency", "8", *FAST)
-    phases = [
-        {"error_rate": 0.3, "error_status": 503},                      # a third fail, no Retry-After
-        {"error_rate": 0.3, "error_status": 503, "retry_after": "1"},  # with Retry-After
-        {"error_rate": 0.3, "error_status": 429, "retry_after": None}, # 429: every worker pauses 1 s
-        {"error_rate": 0.0, "reset_rate": 0.2},                        # connections reset unanswered
-        {"reset_rate": 0.0, "latency": 1.5},                           # slower than the read timeout
+    phases = [  # (the faults, the status that shows one happened: 0 is a reset)
+        ({"error_rate": 0.3, "error_status": 503}, 503),                       # a third fail, no Retry-After
+        ({"error_rate": 0.3, "error_status": 503, "retry_after": "1"}, 503),   # with Retry-After
+        ({"error_rate": 0.3, "error_status": 429, "retry_after": None}, 429),  # 429: every worker pauses 1 s
+        ({"error_rate": 0.0, "reset_rate": 0.2}, 0),                           # connections reset unanswered
+        ({"reset_rate": 0.0, "latency": 1.5}, None),                           # slower than the read timeout
     ]
-    for phase in phases:  # each phase lasts a number of requests, not a time, so it always happens
+    for phase, shows in phases:  # each lasts a number of requests, and until its fault was seen: never luck
         sink.set_faults(**phase)
         seen = len(sink.received())
-        assert wait_until(lambda: len(sink.received()) >= seen + 25, 30), (phase, worker.output())
+        assert wait_until(lambda: len(sink.received()) >= seen + 25 and (
+            shows is None or any(r.status == shows for r in sink.received()[seen:])), 30), \
+            (phase, worker.output())
     sink.set_faults(latency=0.01, error_rate=0.0)
     assert worker.wait(120) == 0, worker.output()
     by_id = _check_delivery(sink, committed, rolled_back)

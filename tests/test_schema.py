@@ -47,6 +47,40 @@ def test_own_version_table_beside_an_applications_alembic(server_url):
         drop_database(server_url, url)
 
 
+def test_0004_takes_no_lock_on_the_table_and_keeps_the_previous_releases_functions(server_url):
+    """Expand-only: 0003 -> 0004 completes while another transaction holds the table in ACCESS EXCLUSIVE mode
+    (so it waits on no lock of the table), the previous release's workers' functions answer as before, and
+    the downgrade leaves them as 0003 made them."""
+    import threading
+
+    url = create_database(server_url)
+    eng = make_engine(url)
+    functions = text("SELECT array_agg(p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')'"
+                     " ORDER BY p.proname) FROM pg_proc p WHERE p.proname LIKE 'fp_outbox_%_permits'")
+    try:
+        upgrade(url, "0003")
+        with eng.connect() as holder:
+            holder.execute(text("LOCK TABLE fp_outbox_events IN ACCESS EXCLUSIVE MODE"))
+            done = threading.Thread(target=upgrade, args=(url, "0004"), daemon=True)
+            done.start()
+            done.join(30)
+            assert not done.is_alive(), "0004 waited for a lock on fp_outbox_events"
+            holder.rollback()
+        with eng.begin() as conn:
+            assert conn.execute(functions).scalar() == [
+                "fp_outbox_pause_permits(pause_s double precision)", "fp_outbox_reset_permits(max_ahead_s double "
+                "precision)", "fp_outbox_take_permits(span_s double precision)"]
+            assert conn.execute(text("SELECT fp_outbox_take_permits(0.001) IS NOT NULL")).scalar()
+            assert conn.execute(text("SELECT fp_outbox_pause_permits(0.0) IS NOT NULL")).scalar()
+        command.downgrade(alembic_config(url), "0003")
+        with eng.connect() as conn:
+            assert conn.execute(functions).scalar() == ["fp_outbox_pause_permits(pause_s double precision)",
+                                                        "fp_outbox_take_permits(span_s double precision)"]
+    finally:
+        eng.dispose()
+        drop_database(server_url, url)
+
+
 def _explain(conn, statement, params: dict, options: str = "") -> str | list:
     """The plan of `statement` (executed, and rolled back, when options ask for ANALYZE)."""
     rows = conn.execute(text(f"EXPLAIN {options} " + statement.text), params).scalars().all()
@@ -157,5 +191,5 @@ def test_under_a_held_snapshot_the_fresh_claim_never_visits_what_lies_below_the_
 def _claimed_and_delivered(store, floor) -> int:
     rows, _, snapshot = store.claim_fresh(floor.value, 100, 1e6)
     floor.observe([row.id for row in rows], 100, snapshot)
-    store.mark_delivered([row.id for row in rows], [200] * len(rows))
+    store.mark_delivered(rows, [200] * len(rows))
     return len(rows)

@@ -243,7 +243,7 @@ def test_token_never_appears_in_repr(source):
 LEASES = [
     ("defaults", []),
     ("short timeouts", ["--connect-timeout", "0.1", "--read-timeout", "0.2", "--inline-attempts", "1"]),
-    ("long timeouts", ["--connect-timeout", "30", "--read-timeout", "300", "--inline-attempts", "10"]),
+    ("long timeouts", ["--connect-timeout", "6", "--read-timeout", "15", "--inline-attempts", "10"]),
 ]
 
 
@@ -253,6 +253,33 @@ def test_lease_outlasts_the_send_budget(argv):
     assert s.send_budget >= timedelta(seconds=s.inline_attempts * (s.connect_timeout + s.read_timeout))
     assert s.lease > s.send_budget
     assert s.lease - s.send_budget >= timedelta(seconds=5)
+
+
+@pytest.mark.parametrize("argv", [c[1] for c in LEASES], ids=[c[0] for c in LEASES])
+def test_a_stop_fits_its_30_s_whatever_the_settings_accepted(argv):
+    """The stop budget: a whole request's grace (or the database call running at the signal, if longer), then
+    the last settle and the release, then the exit; every part derived from the settings."""
+    from worker.engine.settings import REAP_SLACK, STOP_LIMIT
+
+    budget = settings(*argv).stop_budget
+    assert budget.grace >= settings(*argv).request_deadline + REAP_SLACK
+    assert budget.wind_down >= budget.in_progress >= 10  # a connection attempt's own timeout, at the signal
+    assert budget.final > 7 and budget.exit > 0
+    assert budget.total == budget.wind_down + budget.final + budget.exit <= STOP_LIMIT
+
+
+@pytest.mark.parametrize("argv", [
+    ["--read-timeout", "30"],
+    ["--connect-timeout", "10", "--read-timeout", "11.5"],
+    ["--connect-timeout", "25", "--read-timeout", "1"],
+], ids=["long read timeout", "just over", "long connect timeout"])
+def test_settings_whose_stop_cannot_fit_30_s_are_refused_naming_the_flags(argv):
+    message = config_error(*argv)
+    assert "--connect-timeout + --read-timeout" in message and "30 s" in message and "at most 21 s" in message
+
+
+def test_the_longest_request_a_stop_can_wait_for_is_accepted():
+    assert settings("--connect-timeout", "10", "--read-timeout", "11").stop_budget.total <= 30
 
 
 def test_owner_is_unique_per_settings():

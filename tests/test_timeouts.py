@@ -27,13 +27,16 @@ FAST = ["--connect-timeout", "0.5", "--read-timeout", "1", "--inline-attempts", 
 class SwallowingProxy:
     """Forwards TCP connections to PostgreSQL until swallow(): then the connections open at that moment stay
     open and nothing more crosses them, either way (the kernel still acknowledges what it buffers, as a
-    middlebox would), while new connections work."""
+    middlebox would), while new connections work. After black_hole(), new connections are accepted and held,
+    never forwarded: the database is gone without a word."""
 
     def __init__(self, target: tuple) -> None:
         self._target = target
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self._held: list[socket.socket] = []
+        self._holding = False
         self._closed = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -41,12 +44,18 @@ class SwallowingProxy:
         for *_, swallowed in self._pairs:
             swallowed.set()
 
+    def black_hole(self) -> None:
+        self._holding = True
+        self.swallow()  # its pumps notice within their 0.1 s select
+
     def close(self) -> None:
         self._closed.set()
         self._listener.close()
         for client, server, _ in self._pairs:
             client.close()
             server.close()
+        for client in self._held:
+            client.close()
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -54,6 +63,9 @@ class SwallowingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._holding:
+                self._held.append(client)
+                continue
             family = socket.AF_UNIX if isinstance(self._target, str) else socket.AF_INET
             server = socket.socket(family, socket.SOCK_STREAM)
             server.connect(self._target)
@@ -111,6 +123,102 @@ def test_a_link_that_swallows_packets_is_cut_at_the_deadline_and_nothing_is_lost
     assert detected_after < CALL_DEADLINE + 3, detected_after
     print("DETECTED", detected_after)
     assert "Traceback" not in worker.output(), worker.output()
+
+
+def test_a_stop_fits_30_s_with_the_database_black_holed_and_every_request_hanging(clean, db_url, proxy, workers):
+    """The worst stop: SIGTERM lands while the loop waits on a database call that will never be answered, every
+    request in flight hangs (and is re-sent, and hangs again), and every database call after the signal meets
+    a black hole, connection attempts included. The stop budget still ends it within 30 s, with exit 0."""
+    from worker.devtools.fast_receiver import ReceiverProcess
+
+    with Session(clean) as session:
+        outbox.enqueue_many(session, [{"event": "E", "properties": {"distinct_id": str(i)}} for i in range(4)])
+        session.commit()
+    with ReceiverProcess(mode="hang") as hanging:
+        # A request may take 17 s; with 8 slots for 4 rows the loop keeps claiming (every 50 ms) while they hang.
+        worker = workers(db_url.set(host="127.0.0.1", port=proxy.port, query={}), hanging.url, "--concurrency", "8",
+                         "--connect-timeout", "3", "--read-timeout", "14", "--inline-attempts", "2",
+                         "--poll-interval", "0.2")
+        assert wait_until(lambda: hanging.stats()["requests"] >= 4, 30), worker.output()
+        proxy.black_hole()
+        time.sleep(1.0)  # the loop's next claim is on its way into the black hole
+        stopped = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        code = worker.wait(60)
+        took = time.monotonic() - stopped
+    assert code == 0, worker.output()
+    print(f"stopped in {took:.1f} s")
+    assert took < 30, f"the worker took {took:.1f} s to stop\n{worker.output()}"
+    assert "Traceback" not in worker.output()
+
+
+def test_a_stop_brings_the_end_of_every_database_call_forward_connection_attempts_included(clean, db_url, proxy):
+    """What the stop budget rests on: once capped, a call under way ends at the cap (not at its own deadline),
+    a connection attempt waits only what the cap leaves (not libpq's 10 s), and none starts with too little."""
+    from outbox.db import make_engine
+    from worker.engine.store import DatabaseUnavailable, Store
+    from worker.engine.timeouts import CallDeadlines
+
+    engine = make_engine(db_url.set(host="127.0.0.1", port=proxy.port, query={}), pool_pre_ping=False)
+    deadlines = CallDeadlines()
+    deadlines.attach(engine)
+    store = Store(engine, "me", 30.0)
+    try:
+        store.anything_unfinished()  # a pooled connection, through the proxy
+        proxy.black_hole()
+        time.sleep(0.3)  # the proxy's pumps look every 0.1 s
+        capping = threading.Timer(0.5, lambda: deadlines.cap(time.monotonic() + 1.0))
+        capping.start()
+        for budget in (1.5, 3.5, 0.0):  # under way when capped; connecting (3 s left); no time left to connect
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable):
+                store.anything_unfinished()
+            took = time.monotonic() - started
+            assert took < budget + 1.0, (budget, took)
+            deadlines.cap(time.monotonic() + 3.6 if budget == 1.5 else time.monotonic() + 1.5)
+    finally:
+        engine.dispose()
+
+
+def test_the_deadline_watch_survives_a_connection_it_cannot_read_and_keeps_cutting(db_url):
+    """On a lost connection, pgconn.socket raises psycopg.OperationalError: the watch must not die of it (it
+    did, and the deadline was gone for the life of the process). A call past its deadline later is still cut."""
+    import psycopg
+
+    from worker.engine.timeouts import CallDeadlines
+
+    deadlines = CallDeadlines(deadline=0.5)
+    lost = psycopg.connect(_conninfo(db_url))
+    lost.close()
+    with deadlines.guard(lost):
+        time.sleep(1.0)  # the watch finds it past its deadline, and cannot read its socket
+    _assert_a_long_call_is_cut(deadlines, db_url)
+
+
+def test_a_deadline_watch_that_died_is_started_again(db_url):
+    from worker.engine.timeouts import CallDeadlines
+
+    deadlines = CallDeadlines(deadline=0.5)
+    dead = threading.Thread(target=lambda: None)  # as a watch thread that ended, whatever ended it
+    dead.start()
+    dead.join()
+    deadlines._thread = dead
+    _assert_a_long_call_is_cut(deadlines, db_url)
+
+
+def _conninfo(db_url) -> str:
+    return db_url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _assert_a_long_call_is_cut(deadlines, db_url) -> None:
+    """A 10 s statement under `deadlines` (0.5 s) fails within a few seconds: its connection was cut."""
+    import psycopg
+
+    with psycopg.connect(_conninfo(db_url), autocommit=True) as live:
+        started = time.monotonic()
+        with deadlines.guard(live), pytest.raises(psycopg.OperationalError):
+            live.execute("SELECT pg_sleep(10)")
+        assert time.monotonic() - started < 3
 
 
 def test_every_worker_connection_has_keepalives_and_the_servers_timeouts(db_url):

@@ -4,13 +4,14 @@ proxies (and NO_PROXY) from the environment, read once, and no redirect followed
 from __future__ import annotations
 
 import http.server
+import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import pytest
 
+from tests.rawhttp import RawServer, read_request, self_signed
 from worker.devtools.fast_receiver import ReceiverProcess
 from worker.engine.policy import DeadlineExceeded, classify_exception
 from worker.engine.transport import Transport
@@ -45,10 +46,7 @@ class _Answer200(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def tls_server(tmp_path):
     """An HTTPS server on 127.0.0.1 with a self-signed certificate; yields (url, the certificate's path)."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed(tmp_path)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer200)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
@@ -108,3 +106,38 @@ def test_the_reapers_cut_is_a_deadline_not_a_connection_error():
         with pytest.raises(DeadlineExceeded):
             transport.post(BODY, time.monotonic() + 0.5)
         assert time.monotonic() - started < 5
+
+
+def _trickling(head: bytes, every: float = 0.2, for_s: float = 12.0):
+    """Answers every request with `head`, then one byte of body every `every` seconds for `for_s` seconds."""
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            if not read_request(connection):
+                return
+            connection.sendall(head)
+            ends = time.monotonic() + for_s
+            try:
+                while time.monotonic() < ends:
+                    time.sleep(every)
+                    connection.sendall(b"x")
+            except OSError:
+                return  # the client cut it: what the deadline is for
+    return serve
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 200\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 200\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n",  # no length: the body ends when the connection does
+], ids=["connection-close", "http-1.0", "no-length"])
+def test_the_total_deadline_holds_whatever_the_answers_framing(head):
+    """http.client hands the socket of an answer that closes the connection to the answer itself (the connection's
+    own `sock` becomes None): the reaper must still cut it at the deadline. The status came in time, so it
+    stands; the body is marked cut short."""
+    with RawServer(_trickling(head)) as server:
+        transport = Transport(server.url, 1.0, 5.0, 1, "t")  # a read timeout per recv that never fires
+        started = time.monotonic()
+        answer = transport.post(BODY, time.monotonic() + 1.5)
+        took = time.monotonic() - started
+    assert took < 1.5 + 1.0, f"held {took:.1f} s against a 1.5 s deadline"
+    assert answer.status == 200 and answer.truncated and answer.head.startswith(b"x")

@@ -236,12 +236,25 @@ def test_text_that_only_looks_like_a_nul_is_kept(text):
     assert payload_of(event(note=text))["properties"]["note"] == text
 
 
+CYCLE = "cannot be stored as JSON: it contains itself (a cycle); pass a copy without the cycle"
+
+
 def test_a_cycle_through_a_read_only_mapping_is_refused():
     inner: dict = {}
     proxy = MappingProxyType(inner)
     inner["again"] = proxy
-    with pytest.raises(outbox.InvalidEvent, match=re.escape("properties.meta.again")):
+    with pytest.raises(outbox.InvalidEvent, match=re.escape(f"'properties.meta.again' {CYCLE}")):
         prepare(event(meta=proxy), now=NOW)
+
+
+@pytest.mark.parametrize("evt, path", [(self_referencing_properties(), "properties.self"),
+                                       (self_referencing_list(), "properties.items[1]")], ids=["mapping", "list"])
+def test_a_cycle_is_refused_as_a_cycle_not_as_too_deep(evt, path):
+    """The path alone would not tell: walking round a cycle also ends at the depth limit, at a path that
+    starts the same."""
+    with pytest.raises(outbox.InvalidEvent) as caught:
+        prepare(evt, now=NOW)
+    assert str(caught.value) == f"'{path}' {CYCLE}"
 
 
 # ---------------------------------------------------------------- conversions

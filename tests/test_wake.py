@@ -37,6 +37,7 @@ class Listener:
 
     def __init__(self, url) -> None:
         self.arrivals: list[float] = []
+        self.payloads: list[str] = []
         self._conn = psycopg.connect(conninfo(url), autocommit=True)
         self._conn.execute(f"LISTEN {wake.NOTIFY_CHANNEL}")
         self._stop = threading.Event()
@@ -45,7 +46,8 @@ class Listener:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for _ in self._conn.notifies(timeout=0.05):
+            for note in self._conn.notifies(timeout=0.05):
+                self.payloads.append(note.payload)
                 self.arrivals.append(time.monotonic())
 
     def close(self) -> None:
@@ -175,13 +177,20 @@ def test_a_commit_wakes_an_idle_worker_long_before_its_next_poll(fresh_engine, d
     assert arrived, worker.output()
 
 
-def test_a_rollback_wakes_nobody(fresh_engine, listener):
+def test_a_rollback_wakes_nobody(fresh_engine, listener, db_url):
+    """Whatever the load: each handle rolls back what it enqueued and then commits again without enqueueing (a
+    mark left behind would wake the workers then); no waker is ever made for the engine, and a sentinel NOTIFY
+    sent afterwards is the first and only notification (everything sent before it has arrived with it)."""
     with Session(fresh_engine) as session:
         outbox.enqueue(session, purchase())
         session.rollback()
+        session.execute(text("SELECT 1"))
+        session.commit()
     with fresh_engine.connect() as conn:
         outbox.enqueue(conn, purchase())
         conn.rollback()
+        conn.execute(text("SELECT 1"))
+        conn.commit()
     with contextlib.suppress(RuntimeError), Session(fresh_engine) as session, session.begin():
         outbox.enqueue(session, purchase())
         raise RuntimeError("the business code failed")
@@ -190,9 +199,61 @@ def test_a_rollback_wakes_nobody(fresh_engine, listener):
     with Session(fresh_engine) as session:
         session.execute(text("SELECT 1"))
         session.commit()  # a later commit on a session that never enqueued in its transaction
-    time.sleep(10 * wake.WAKE_INTERVAL)  # far longer than a wake-up takes to be sent
-    assert listener.arrivals == []
-    assert fresh_engine not in wake._wakers  # nothing ever asked for one
+    assert fresh_engine not in wake._wakers  # nothing ever asked for a wake-up
+    with psycopg.connect(conninfo(db_url), autocommit=True) as other:
+        other.execute(f"SELECT pg_notify('{wake.NOTIFY_CHANNEL}', 'sentinel')")
+    assert wait_until(lambda: listener.payloads, 10)
+    assert listener.payloads == ["sentinel"]
+
+
+@pytest.fixture
+def slow_commits(clean):
+    """A commit that inserted an event named SlowCommit takes half a second more (a deferred trigger that
+    sleeps at commit time), as on a loaded server or a synchronous standby far away."""
+    with clean.begin() as conn:
+        conn.execute(text("""
+            CREATE FUNCTION fp_test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$"""))
+        conn.execute(text("""
+            CREATE CONSTRAINT TRIGGER fp_test_slow_commit AFTER INSERT ON fp_outbox_events
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+            WHEN (NEW.event_name = 'SlowCommit') EXECUTE FUNCTION fp_test_slow_commit()"""))
+    yield
+    with clean.begin() as conn:
+        conn.execute(text("DROP TRIGGER fp_test_slow_commit ON fp_outbox_events"))
+        conn.execute(text("DROP FUNCTION fp_test_slow_commit()"))
+
+
+def test_no_wake_up_reaches_a_listener_before_the_commit_returns(fresh_engine, listener, slow_commits):
+    """A Session's wake-up goes after its commit: with the commit taking half a second, a wake-up sent at its
+    start would be heard long before it returns."""
+    with Session(fresh_engine) as session:
+        outbox.enqueue(session, {"event": "SlowCommit", "properties": {"distinct_id": "u"}})
+        started = time.monotonic()
+        session.commit()
+        committed = time.monotonic()
+    assert committed - started >= 0.5  # the commit really was slow
+    assert wait_until(lambda: listener.arrivals, 5)
+    assert min(listener.arrivals) >= committed, f"heard {committed - min(listener.arrivals):.2f} s before the commit"
+
+
+def test_one_failed_thread_start_does_not_stop_wake_ups_for_good(fresh_engine, listener, monkeypatch):
+    """The waker's thread cannot start once (a thread limit, memory pressure): that wake-up is lost (the workers
+    poll), the commit is untouched, and the next commit wakes the workers again."""
+    real_start, failures = threading.Thread.start, [RuntimeError("can't start new thread")]
+
+    def start_or_fail(thread: threading.Thread) -> None:
+        if thread.name == "fp-outbox-waker" and failures:
+            raise failures.pop()
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_fail)
+    for _ in range(2):
+        with Session(fresh_engine) as session:
+            outbox.enqueue(session, purchase())
+            session.commit()
+    assert not failures  # the first commit met the failure
+    assert wait_until(lambda: listener.arrivals, 5), "the second commit woke nobody"
 
 
 # ---------------------------------------------------------------- debounced

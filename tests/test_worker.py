@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -104,6 +105,46 @@ def test_transient_errors_are_retried_until_delivered(clean, db_url, sink, worke
     assert [r.status for r in sink.received()] == [503, 503, 503, 200]
     assert {r.insert_id for r in sink.received()} == {event_id}
     assert status_of(clean) == {"delivered": 1}
+
+
+@pytest.mark.parametrize("inline, after", [("2", 1), ("1", 3)], ids=["re-sent in process", "re-sent from the row"])
+def test_a_503_with_retry_after_is_re_sent_no_sooner_than_it_asks(clean, db_url, sink, workers, inline, after):
+    """503 with Retry-After, then 200: the re-send arrives no sooner than asked, whether the worker waits in
+    process (1 s) or schedules it in the row (3 s: longer than the sweep's interval; the retry base is 0.2 s)."""
+    [event_id] = _enqueue(clean, 1)
+    sink.answer_next(503, retry_after=str(after))
+    worker = workers(db_url, sink.url, "--drain", *FAST, "--inline-attempts", inline)
+    assert worker.wait(60) == 0, worker.output()
+    first, second = sink.received()
+    assert (first.status, second.status) == (503, 200) and first.insert_id == second.insert_id == event_id
+    assert second.arrived_at - first.arrived_at >= after - 0.02, second.arrived_at - first.arrived_at
+    assert status_of(clean) == {"delivered": 1}
+
+
+def test_a_row_claimed_max_attempts_times_without_an_outcome_is_dead_and_never_sent_again(clean, db_url,
+                                                                                         workers):
+    """Its workers die while sending it, --max-attempts times: the next claim dead-letters it, saying why, and
+    sends nothing."""
+    from worker.devtools.fast_receiver import ReceiverProcess
+
+    _enqueue(clean, 1)
+    flags = ["--max-attempts", "3", "--connect-timeout", "0.5", "--read-timeout", "20", "--inline-attempts", "1",
+             "--poll-interval", "0.2"]
+    with ReceiverProcess(mode="hang") as hanging:
+        for claims in (1, 2, 3):
+            doomed = workers(db_url, hanging.url, *flags)
+            assert wait_until(lambda: hanging.stats()["requests"] == claims, 30), doomed.output()
+            doomed.signal(signal.SIGKILL)
+            assert doomed.wait(10) == -signal.SIGKILL
+            with clean.begin() as conn:  # its lease runs out now rather than in a minute
+                conn.execute(text("UPDATE fp_outbox_events SET lease_until = now(), next_attempt_at = now()"))
+        last = workers(db_url, hanging.url, "--drain", *flags)
+        assert last.wait(60) == 0, last.output()
+        assert hanging.stats()["requests"] == 3  # never sent again
+    with clean.connect() as conn:
+        row = conn.execute(text("SELECT status, attempts, last_error FROM fp_outbox_events")).one()
+    assert (row.status, row.attempts) == ("dead", 4)
+    assert row.last_error.startswith("abandoned after 3 claims without a result"), row.last_error
 
 
 def test_exhausted_attempts_become_dead_with_last_error(clean, db_url, sink, workers):

@@ -10,7 +10,7 @@ The roles that may insert the payload (the application's) may insert the trace c
 application that starts tracing after the upgrade keeps enqueueing under least-privilege grants.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-12
 """
 import time
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,8 @@
 """Claiming due rows and starting their sends: fresh rows above the worker's floor, everything else by the due
-path (worker.engine.paths); each claim also reserves its share of the shared rate budget (the permits), in the
-same statement, and the rows it returns go to the pool at once (the 'start' step). While the endpoint is down
-(worker.engine.endpoint) a claim takes nothing but, when this worker holds the probe lease, one probe."""
+path (worker.engine.paths); each claim also reserves its share of the shared rate budget (the permits,
+worker.engine.permits), in the same statement, and the rows it returns go to the pool at once (the 'start'
+step). While the endpoint is down (worker.engine.endpoint) a claim takes nothing but, when this worker holds
+the probe lease, one probe."""
 
 from __future__ import annotations
 
@@ -12,46 +13,13 @@ from worker.engine.endpoint import Endpoint
 from worker.engine.health import DatabaseHealth
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, log
-from worker.engine.metrics import Metrics
 from worker.engine.paths import Paths
+from worker.engine.permits import Permits
 from worker.engine.policy import Dead
 from worker.engine.services import StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import Settler
-from worker.engine.store import Claimed, DatabaseUnavailable, Store
-
-# The limiter grants permits in chunks of at most 1/200 of the rate, and workers aim at 96% of
-# it: a chunk sent at once overshoots a smooth schedule by at most one chunk, and this headroom
-# also absorbs a few tens of ms of jitter between the grant and the request's arrival.
-RATE_HEADROOM = 0.96
-CHUNK_FRACTION = 1 / 200
-
-
-class Permits:
-    """This worker's way to the shared rate budget: the rate it aims at and the chunk it claims at most."""
-
-    def __init__(self, store: Store, settings: Settings, metrics: Metrics) -> None:
-        self._store = store
-        self._metrics = metrics
-        self.rate = settings.rate_limit * RATE_HEADROOM
-        self.chunk = max(1, int(settings.rate_limit * CHUNK_FRACTION))
-
-    def take(self, count: int, max_wait: float) -> bool:
-        """Reserve `count` requests of the shared budget (in-process re-sends) and wait for them, unless that
-        is longer than `max_wait` seconds (what the row's lease can spare): then False at once."""
-        wait = self._store.acquire_permits(count, self.rate).wait_s
-        if wait > max_wait:
-            return False
-        if wait > 0:
-            self._metrics.waited_for_rate_limit(wait)
-            time.sleep(wait)
-        return True
-
-    def wait_out(self, wait: float, stopping: StopSignal) -> bool:
-        """Wait the `wait` seconds a claim's permits start after (feeding the watchdog); True if stopped meanwhile."""
-        self._metrics.waited_for_rate_limit(wait)
-        return wait > 0 and stopping.pause(wait)
-
+from worker.engine.store import Claimed, DatabaseUnavailable, Grant, Store
 
 class Claimer:
     """Claims up to a chunk of due rows whenever enough sending slots are free, and starts sending them."""
@@ -93,34 +61,38 @@ class Claimer:
             self._endpoint.probing(rows[0].id if rows else None)
         if not rows:
             return 0
-        return self._start(rows, grant.wait_s, claimed_at + self._settings.lease.total_seconds())
+        return self._start(rows, grant, claimed_at + self._settings.lease.total_seconds())
 
     def may_claim_again(self, started: int) -> bool:
         """A full chunk came back and slots are free: more may be due, so claim again without waiting."""
         free = self._settings.concurrency - len(self._in_flight)
         return started >= self._permits.chunk and free >= self._claim_at_least
 
-    def release(self, ids: list[int]) -> None:
+    def release(self, rows: list[Claimed]) -> None:
         """Hand claimed rows back, due at once; if the database is away, their leases bring them back."""
         try:
-            self._store.release(ids)
+            self._store.release(rows)
         except DatabaseUnavailable as exc:
             event(log, logging.WARNING, "could not release rows; they return when their lease expires",
-                  count=len(ids), error=str(exc))
+                  count=len(rows), error=str(exc))
 
-    def _start(self, rows: list[Claimed], wait: float, lease_ends: float) -> int:
+    def _start(self, rows: list[Claimed], grant: Grant, lease_ends: float) -> int:
+        wait, slice_ends = grant.wait_s, self._permits.slice_ends(grant)
+        if self._permits.runaway(grant):  # claimed again at once, on the schedule put right
+            self.release(rows)
+            return 0
         if wait > self._settings.lease.total_seconds() / 2:
             # A long global pause (after a 429): hand the rows back rather than sit on them.
-            self.release([row.id for row in rows])
+            self.release(rows)
             self._stopping.pause(wait - 1.0)
             return 0
         if self._permits.wait_out(wait, self._stopping):
-            self.release([row.id for row in rows])
+            self.release(rows)
             return 0
         for row in rows:
             if self._settings.backoff.exhausted(row.attempts - 1):
                 self._settler.record(row, Dead(f"abandoned after {row.attempts - 1} claims without a result "
                                                "(its workers died or lost the lease while sending it)"))
                 continue
-            self._in_flight.start(row, lease_ends)
+            self._in_flight.start(row, lease_ends, slice_ends)
         return len(rows)

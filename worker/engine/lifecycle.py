@@ -1,5 +1,5 @@
 """A worker's start and end: reaching the database before claiming anything, and on stop, finishing or
-releasing what is in flight."""
+releasing what is in flight within the stop budget (worker.engine.settings.StopBudget)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from worker.engine.claimer import Claimer
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, first_line, log
 from worker.engine.services import StopSignal
+from worker.engine.settings import StopBudget
 from worker.engine.settler import Settler
 from worker.engine.store import EXIT_NO_SCHEMA, NO_TABLE, DatabaseRefused
+from worker.engine.timeouts import CallDeadlines
 
 
 class StartupError(Exception):
@@ -45,21 +47,28 @@ def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: Stop
         raise DatabaseRefused(NO_TABLE, EXIT_NO_SCHEMA)
 
 
-def finish_or_release(in_flight: InFlight, settler: Settler, claimer: Claimer, grace: timedelta,
-                      stopping: StopSignal) -> int:
-    """On stop: let the sends in flight finish for up to `grace`, then start no request any more, settle every
-    outcome, and release the rows still being sent (due at once, their attempt not counted). Returns how many
-    were released."""
-    deadline = time.monotonic() + grace.total_seconds()
-    while in_flight and time.monotonic() < deadline:
-        settler.collect(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
+# Seconds a stop waits for the requests being written when the gate closes (they take microseconds unless a
+# peer stopped reading): a row still being written then is left to its lease, never released.
+WRITES_WAIT = 0.5
+
+
+def finish_or_release(in_flight: InFlight, settler: Settler, claimer: Claimer, budget: StopBudget,
+                      stopped_at: float, stopping: StopSignal, deadlines: CallDeadlines) -> int:
+    """On stop: let the sends in flight finish for the budget's grace (counted from `stopped_at`, the signal's
+    time.monotonic()), then write no request any more, settle every outcome and release the rows whose requests
+    were not written (due at once, their attempt not counted); every database call of this last part ends within
+    the budget's `final`. Returns how many rows were released."""
+    grace_ends = stopped_at + budget.grace
+    while in_flight and time.monotonic() < grace_ends:
+        settler.collect(timeout=min(0.2, max(0.01, grace_ends - time.monotonic())))
         stopping.keepalive()
-    in_flight.close()  # before the release: once released, a row must never see a request from us again
+    deadlines.cap(time.monotonic() + budget.final)
+    writing = in_flight.close(WRITES_WAIT)  # before the release: once released, no byte of a request may follow
     settler.collect(timeout=0)
     settler.settle(force=True)
-    leftover = [row.id for row in in_flight.rows()]
-    # If settling just failed, the database is away and a release would only spend another call's deadline
-    # of the 30 s a stop may take: the leases bring those rows back.
+    leftover = [row for row in in_flight.rows() if row.id not in writing]
+    # If settling just failed, the database is away and a release would only spend the rest of the budget:
+    # the leases bring those rows back (and the ones still being written, whatever happens).
     if leftover and not settler.unsettled:
         claimer.release(leftover)
     return len(leftover)

@@ -7,12 +7,13 @@ Claim and settle are short transactions; no transaction is open while HTTP is in
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import Engine
 
 from outbox.db import make_engine
 from worker.engine.calls import Calls
-from worker.engine.claimer import Claimer, Permits
+from worker.engine.claimer import Claimer
 from worker.engine.endpoint import Endpoint
 from worker.engine.health import DatabaseHealth
 from worker.engine.inflight import InFlight
@@ -21,6 +22,7 @@ from worker.engine.listener import Listener
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
 from worker.engine.notify import Notifier
+from worker.engine.permits import Permits
 from worker.engine.sender import Sender
 from worker.engine.services import SideServices, StopSignal
 from worker.engine.settings import Settings
@@ -67,10 +69,14 @@ class Worker:
         self._listener = Listener(self.engine, self._stopping, self.deadlines.guard)
         self._stopping.also_while_waiting(self._listener.drain)
         self.totals = self.settler.totals
+        self._stopped_at = 0.0  # time.monotonic() of the stop
 
     def stop(self) -> None:
-        """Stop claiming; in-flight work is finished or released by run()."""
+        """Stop claiming; in-flight work is finished or released by run(). The stop budget counts from the first
+        call: every database call from then on, the one under way included, ends when its wind-down does."""
+        self._stopped_at = self._stopped_at or time.monotonic()
         self._stopping.set()
+        self.deadlines.cap(self._stopped_at + self.settings.stop_budget.wind_down)
 
     def run(self) -> int:
         """Deliver until stopped (or, with drain, until nothing is pending or in flight). Returns 0."""
@@ -99,7 +105,8 @@ class Worker:
         if not self._wait_for_answers(started):
             return False
         self.settler.collect(timeout=0)  # settle what came back, in batches
-        self.settler.settle(force=not self.in_flight)
+        if not self._stopping.is_set():  # else the stop settles: one call fewer for its budget
+            self.settler.settle(force=not self.in_flight)
         return True
 
     def _wait_for_answers(self, started: int) -> bool:
@@ -125,10 +132,12 @@ class Worker:
             return True
 
     def _shutdown(self) -> None:
+        if not self._stopping.is_set():  # a drain that finished, or an error: the stop budget applies all the same
+            self.stop()
         self.notifier.stopping()
         self._listener.close()
-        released = finish_or_release(self.in_flight, self.settler, self.claimer, self.settings.shutdown_grace,
-                                     self._stopping)
+        released = finish_or_release(self.in_flight, self.settler, self.claimer, self.settings.stop_budget,
+                                     self._stopped_at, self._stopping, self.deadlines)
         self.services.stop()
         event(log, logging.INFO, "worker stopped", **self.totals, released=released,
               unsettled=self.settler.unsettled)

@@ -94,7 +94,7 @@ def _dead_letter(store: Store, single: Batch, error: str, written: Written) -> N
     reason = (f"could not record the outcome ({single.kind}, HTTP {outcome.status or '-'}): "
               f"{error}").encode("ascii", "replace").decode("ascii")  # a reason any database can store
     try:
-        written.held += store.mark_dead([row.id], [outcome.status], [reason[:500]])
+        written.held += store.mark_dead([row], [outcome.status], [reason[:500]])
         written.dead_lettered.append((row.id, error))
     except StatementRefused as exc:  # not even that: its lease brings it back, and it is logged
         written.unstorable.append((row.id, str(exc)))
@@ -106,11 +106,10 @@ def _singles(batch: Batch) -> list[Batch]:
 
 
 def _settle(store: Store, batch: Batch) -> int:
-    ids = [row.id for row in batch.rows]
     statuses = [outcome.status for outcome in batch.outcomes]
     if batch.kind == "delivered":
-        return store.mark_delivered(ids, statuses)
+        return store.mark_delivered(batch.rows, statuses)
     reasons = [storable(outcome.reason) for outcome in batch.outcomes]
     if batch.kind == "retry":
-        return store.schedule_retry(ids, batch.delays, statuses, reasons, [o.counted for o in batch.outcomes])
-    return store.mark_dead(ids, statuses, reasons)
+        return store.schedule_retry(batch.rows, batch.delays, statuses, reasons, [o.counted for o in batch.outcomes])
+    return store.mark_dead(batch.rows, statuses, reasons)

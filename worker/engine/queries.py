@@ -87,15 +87,18 @@ FIRST_FLOOR = text(
     """
 )
 
-# Settling only touches rows this worker still holds (owner and status checked): a row whose
-# lease expired and was taken by another worker is that worker's to settle, never ours.
+# Settling only touches the claims this worker still holds: the owner and the status say the row is still
+# leased to this worker, and the attempt count says it is the same claim (each claim counts one). A row whose
+# lease expired and was claimed again, by another worker or by this one, is that claim's to settle: the
+# late outcome of the earlier claim matches nothing.
 MARK_DELIVERED = text(
     """
     UPDATE fp_outbox_events AS e
        SET status = 'delivered', delivered_at = now(), lease_owner = NULL, lease_until = NULL,
            last_status = u.http_status, last_error = NULL
-      FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS smallint[])) AS u(id, http_status)
-     WHERE e.id = u.id AND e.lease_owner = :owner AND e.status = 'in_flight'
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), CAST(:statuses AS smallint[]))
+           AS u(id, attempts, http_status)
+     WHERE e.id = u.id AND e.attempts = u.attempts AND e.lease_owner = :owner AND e.status = 'in_flight'
     """
 )
 
@@ -109,9 +112,10 @@ SCHEDULE_RETRY = text(
            next_attempt_at = now() + make_interval(secs => u.delay_s),
            attempts = CASE WHEN u.counted THEN e.attempts ELSE greatest(e.attempts - 1, 0) END,
            last_status = u.http_status, last_error = u.error
-      FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]), CAST(:statuses AS smallint[]),
-                  CAST(:errors AS text[]), CAST(:counted AS boolean[])) AS u(id, delay_s, http_status, error, counted)
-     WHERE e.id = u.id AND e.lease_owner = :owner AND e.status = 'in_flight'
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), CAST(:delays AS float8[]),
+                  CAST(:statuses AS smallint[]), CAST(:errors AS text[]), CAST(:counted AS boolean[]))
+           AS u(id, attempts, delay_s, http_status, error, counted)
+     WHERE e.id = u.id AND e.attempts = u.attempts AND e.lease_owner = :owner AND e.status = 'in_flight'
     """
 )
 
@@ -121,9 +125,9 @@ MARK_DEAD = text(
     UPDATE fp_outbox_events AS e
        SET status = 'dead', dead_at = now(), lease_owner = NULL, lease_until = NULL,
            last_status = u.http_status, last_error = u.error
-      FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS smallint[]), CAST(:errors AS text[]))
-           AS u(id, http_status, error)
-     WHERE e.id = u.id AND e.lease_owner = :owner AND e.status = 'in_flight'
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), CAST(:statuses AS smallint[]),
+                  CAST(:errors AS text[])) AS u(id, attempts, http_status, error)
+     WHERE e.id = u.id AND e.attempts = u.attempts AND e.lease_owner = :owner AND e.status = 'in_flight'
     """
 )
 
@@ -131,10 +135,11 @@ MARK_DEAD = text(
 # attempt it was charged: it was never (fully) tried, and waiting out the lease helps nobody.
 RELEASE = text(
     """
-    UPDATE fp_outbox_events
+    UPDATE fp_outbox_events AS e
        SET status = 'pending', lease_owner = NULL, lease_until = NULL, next_attempt_at = now(),
-           attempts = greatest(attempts - 1, 0)
-     WHERE id = ANY(CAST(:ids AS bigint[])) AND lease_owner = :owner AND status = 'in_flight'
+           attempts = greatest(e.attempts - 1, 0)
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS u(id, attempts)
+     WHERE e.id = u.id AND e.attempts = u.attempts AND e.lease_owner = :owner AND e.status = 'in_flight'
     """
 )
 
@@ -152,6 +157,16 @@ ACQUIRE_PERMITS = text(
     SELECT extract(epoch FROM g.starts_at)::float8 AS starts_at,
            extract(epoch FROM g.starts_at - clock_timestamp())::float8 AS wait_s
       FROM fp_outbox_take_permits(CAST(:span_s AS float8)) AS g(starts_at)
+    """
+)
+
+# The schedule is absolute time on the database's clock: after a step back of that clock (or a failover to a
+# host whose clock is behind) it lies in the future. A grant that starts further ahead than the schedule can
+# legitimately run puts it back to now (fp_outbox_reset_permits, migration 0004, under the same lock); how
+# far ahead it was comes back when it did, else null.
+RESET_PERMITS = text(
+    """
+    SELECT fp_outbox_reset_permits(CAST(:max_ahead_s AS float8)) AS ahead_s
     """
 )
 

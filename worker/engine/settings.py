@@ -13,10 +13,11 @@ from datetime import timedelta
 
 from sqlalchemy.engine import URL
 
-from outbox.db import ConfigError, database_url
+from outbox.db import CONNECT_ARGS, ConfigError, database_url
 from outbox.validation import TOKEN_ALLOWANCE
 from worker.engine.durations import parse_duration
 from worker.engine.policy import Backoff
+from worker.engine.timeouts import CALL_DEADLINE, WATCH_EVERY
 
 DEFAULT_ENDPOINT = "https://api.perfalytics.com/track"
 
@@ -51,9 +52,40 @@ REAP_SLACK = 0.25
 # Seconds kept free at the end of every lease for settling the outcome: no attempt starts unless its
 # whole deadline ends at least this long before the lease does.
 LEASE_MARGIN = 2.0
-# On SIGTERM, in-flight requests get one request's worth of time to finish (never more than 20 s,
-# so the worker exits well within 30 s); whatever is still running then is released.
-MAX_SHUTDOWN_GRACE = timedelta(seconds=20)
+# SIGTERM to exit, as promised (systemd's TimeoutStopSec=40 kills the process after that).
+STOP_LIMIT = 30.0
+# Seconds a database connection attempt may take (libpq's connect_timeout, outbox.db), and a call once
+# connected (the worker's own deadline, worker.engine.timeouts, checked every WATCH_EVERY).
+DB_CONNECT_TIMEOUT = float(CONNECT_ARGS["connect_timeout"])
+# Seconds from the last database call of a stop to the process's exit: the last log line, the metrics server's
+# shutdown (a poll of 0.5 s), the interpreter's exit.
+STOP_EXIT = 1.5
+
+
+@dataclass(frozen=True)
+class StopBudget:
+    """How the seconds from SIGTERM to exit are spent; every part derived from the settings, the total checked
+    against STOP_LIMIT when the settings are built. In order:
+
+    - `grace`: requests in flight may finish (one whole request: its deadline and the reaper's tick); the
+      database call running at the signal, if any, ends within `in_progress` (connect timeout, or the call
+      deadline), alongside: every call made after the signal is cut when the longer of the two is over;
+    - `final`: the last settle and the release of what did not finish, every call cut at its end;
+    - `exit`: what follows the last call."""
+
+    grace: float
+    in_progress: float
+    final: float
+    exit: float
+
+    @property
+    def wind_down(self) -> float:
+        """Seconds from the signal until the sends are over and the loop has left its last database call."""
+        return max(self.grace, self.in_progress)
+
+    @property
+    def total(self) -> float:
+        return self.wind_down + self.final + self.exit
 
 
 @dataclass(frozen=True)
@@ -96,8 +128,11 @@ class Settings:
         return timedelta(seconds=tries + waits)
 
     @property
-    def shutdown_grace(self) -> timedelta:
-        return min(MAX_SHUTDOWN_GRACE, timedelta(seconds=self.connect_timeout + self.read_timeout + 1))
+    def stop_budget(self) -> StopBudget:
+        """How a stop spends its 30 s with these settings (StopBudget)."""
+        call = CALL_DEADLINE + WATCH_EVERY
+        return StopBudget(grace=self.request_deadline + REAP_SLACK, in_progress=max(DB_CONNECT_TIMEOUT, call),
+                          final=call, exit=STOP_EXIT)
 
     @property
     def lease(self) -> timedelta:
@@ -152,7 +187,23 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
     )
     if settings.backoff.cap < settings.backoff.base:
         raise ConfigError("--retry-cap must be at least --retry-base; raise the cap or lower the base")
+    _check_stop_fits(settings)
     return settings
+
+
+def _check_stop_fits(settings: Settings) -> None:
+    """A request in flight at SIGTERM gets its whole deadline to finish; with the parts that follow, the stop
+    must fit the 30 s it may take."""
+    budget = settings.stop_budget
+    if budget.total <= STOP_LIMIT:
+        return
+    room = STOP_LIMIT - budget.final - budget.exit - REAP_SLACK
+    raise ConfigError(
+        f"--connect-timeout + --read-timeout is {settings.request_deadline:g} s: a request in flight at SIGTERM "
+        f"may take that long to finish, and with the last settle ({budget.final:g} s) and the exit "
+        f"({budget.exit:g} s) a stop would take {budget.total:g} s, past the {STOP_LIMIT:g} s it may; keep "
+        f"their sum at most {room:g} s"
+    )
 
 
 def _value(args: argparse.Namespace, env, flag: str, var: str, default, kind: type):

@@ -170,20 +170,22 @@ class Store:
         row = self._run(queries.ENDPOINT_UP, {}).rows[0]
         return row.down_s, int(row.made_due)
 
-    def mark_delivered(self, ids: list[int], statuses: list[int]) -> int:
-        return self._update(queries.MARK_DELIVERED, ids=ids, statuses=statuses)
+    # The settle statements take the claims themselves: each row's id and the attempt its claim counted, so
+    # that only that claim is settled (queries.MARK_DELIVERED).
+    def mark_delivered(self, rows: list[Claimed], statuses: list[int]) -> int:
+        return self._update(queries.MARK_DELIVERED, rows, statuses=statuses)
 
-    def schedule_retry(self, ids: list[int], delays: list[float], statuses: list[int | None], errors: list[str],
-                       counted: list[bool] | None = None) -> int:
-        counted = [True] * len(ids) if counted is None else counted
-        return self._update(queries.SCHEDULE_RETRY, ids=ids, delays=delays, statuses=statuses, errors=errors,
+    def schedule_retry(self, rows: list[Claimed], delays: list[float], statuses: list[int | None],
+                       errors: list[str], counted: list[bool] | None = None) -> int:
+        counted = [True] * len(rows) if counted is None else counted
+        return self._update(queries.SCHEDULE_RETRY, rows, delays=delays, statuses=statuses, errors=errors,
                             counted=counted)
 
-    def mark_dead(self, ids: list[int], statuses: list[int | None], errors: list[str]) -> int:
-        return self._update(queries.MARK_DEAD, ids=ids, statuses=statuses, errors=errors)
+    def mark_dead(self, rows: list[Claimed], statuses: list[int | None], errors: list[str]) -> int:
+        return self._update(queries.MARK_DEAD, rows, statuses=statuses, errors=errors)
 
-    def release(self, ids: list[int]) -> int:
-        return self._update(queries.RELEASE, ids=ids)
+    def release(self, rows: list[Claimed]) -> int:
+        return self._update(queries.RELEASE, rows)
 
     def anything_unfinished(self) -> bool:
         return bool(self._run(queries.ANY_UNFINISHED, {}).rows[0].exists)
@@ -193,16 +195,22 @@ class Store:
         row = self._run(queries.ACQUIRE_PERMITS, {"span_s": count / rate}).rows[0]
         return Grant(count, row.starts_at, row.wait_s)
 
+    def reset_permits(self, max_ahead: float) -> float | None:
+        """Put the shared schedule back to now if it is more than `max_ahead` seconds ahead of the database's
+        clock; returns how far ahead it was when it did so, else None."""
+        return self._run(queries.RESET_PERMITS, {"max_ahead_s": max_ahead}).rows[0].ahead_s
+
     def pause_all(self, seconds: float) -> tuple[float, float]:
         """No worker may start a request for `seconds` (a 429); returns (set_at, until), epoch seconds."""
         row = self._run(queries.PAUSE_ALL, {"pause_s": seconds}).rows[0]
         return row.set_at, row.until
 
-    def _update(self, statement, **params) -> int:
-        if not params["ids"]:
+    def _update(self, statement, rows: list[Claimed], **params) -> int:
+        if not rows:
             return 0
+        claims = {"ids": [row.id for row in rows], "attempts": [row.attempts for row in rows]}
         try:
-            return self._run(statement, {"owner": self.owner, **params}).rowcount
+            return self._run(statement, {"owner": self.owner, **claims, **params}).rowcount
         except (psycopg.Error, UnicodeError) as exc:  # a lost connection is DatabaseUnavailable, raised as such
             raise StatementRefused(_describe(exc)) from exc
 

@@ -13,20 +13,23 @@ unacknowledged sends, but not a middlebox that acknowledges and then drops every
 our own does.
 
 The numbers come from the worker's other deadlines: a loop turn that waits on one call of at most
-CALL_DEADLINE (7 s), then backs off feeding the watchdog, stays well inside WatchdogSec=30; and a
-shutdown of at most 20 s of grace plus one failed call ends within the promised 30 s.
+CALL_DEADLINE (7 s), then backs off feeding the watchdog, stays well inside WatchdogSec=30. A stop brings
+every call's end closer (cap(): the stop budget, worker.engine.settings.StopBudget), connection attempts
+included, so that the stop fits its 30 s however the database behaves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 from sqlalchemy import Connection, Engine, event
 
 from worker.engine.logs import event as log_event
@@ -35,6 +38,7 @@ from worker.engine.logs import log
 STATEMENT_TIMEOUT = 5.0  # seconds: any of the worker's statements takes milliseconds
 CALL_DEADLINE = STATEMENT_TIMEOUT + 2.0  # seconds a connection may be held: the server's limit comes first
 WATCH_EVERY = 0.25  # seconds between the watch's looks at the connections in use
+MIN_CONNECT_TIMEOUT = 2  # seconds: libpq (and psycopg) wait at least this long for a connection, whatever is asked
 
 
 def server_limits(seconds: float) -> str:
@@ -55,13 +59,30 @@ class CallDeadlines:
         self._armed: dict[int, tuple[float, object]] = {}  # id(pool entry or connection) -> (deadline, dbapi conn)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._cap = math.inf  # no call outlives this (time.monotonic()), once a stop set it
 
     def attach(self, engine: Engine) -> None:
-        """Limit every transaction of `engine` on the server, and every checkout from its pool here."""
+        """Limit every transaction of `engine` on the server, and every checkout from its pool here (and, once
+        capped, every connection attempt)."""
         event.listen(engine, "begin", _set_server_limits)
+        event.listen(engine, "do_connect", self._limit_connect)
         event.listen(engine.pool, "checkout", lambda dbapi, entry, _proxy: self._arm(id(entry), dbapi))
         for name in ("checkin", "detach", "invalidate"):  # back in the pool, taken out of it, or dropped
             event.listen(engine.pool, name, lambda _dbapi, entry, *_: self._disarm(id(entry)))
+
+    def cap(self, until: float) -> None:
+        """From now on no call or connection attempt outlives `until` (time.monotonic()), those under way
+        included. Takes no lock: a signal handler may call it."""
+        self._cap = until
+
+    def _limit_connect(self, _dialect, _record, _cargs, cparams: dict) -> None:
+        """A connection attempt made once capped waits no longer than the cap leaves (or is not made)."""
+        if self._cap == math.inf:
+            return
+        left = math.floor(self._cap - time.monotonic())
+        if left < MIN_CONNECT_TIMEOUT:
+            raise psycopg.OperationalError("no time left to connect: the worker is stopping")
+        cparams["connect_timeout"] = min(int(cparams.get("connect_timeout") or left), left)
 
     @contextlib.contextmanager
     def guard(self, dbapi_connection) -> Iterator[None]:
@@ -74,8 +95,8 @@ class CallDeadlines:
 
     def _arm(self, key: int, dbapi_connection) -> None:
         with self._lock:
-            self._armed[key] = (time.monotonic() + self._deadline, dbapi_connection)
-            if self._thread is None:
+            self._armed[key] = (min(time.monotonic() + self._deadline, self._cap), dbapi_connection)
+            if self._thread is None or not self._thread.is_alive():  # never started, or died: (re)start it
                 self._thread = threading.Thread(target=self._watch, name="fp-outbox-db-deadline", daemon=True)
                 self._thread.start()
 
@@ -84,14 +105,25 @@ class CallDeadlines:
             self._armed.pop(key, None)
 
     def _watch(self) -> None:
+        failing = False
         while True:
             time.sleep(WATCH_EVERY)
-            now = time.monotonic()
-            with self._lock:  # held while cutting, so a connection returned meanwhile is never cut
-                for key, (deadline, dbapi_connection) in list(self._armed.items()):
-                    if now > deadline:
-                        del self._armed[key]
-                        _cut(dbapi_connection, self._deadline)
+            try:
+                self._look()
+                failing = False
+            except Exception as exc:  # whatever a connection does, the watch goes on: it is the only deadline
+                if not failing:
+                    log_event(log, logging.WARNING, "the database deadline's watch failed a look; it goes on",
+                              error=f"{exc.__class__.__name__}: {exc}")
+                failing = True
+
+    def _look(self) -> None:
+        now = time.monotonic()
+        with self._lock:  # held while cutting, so a connection returned meanwhile is never cut
+            for key, (deadline, dbapi_connection) in list(self._armed.items()):
+                if now > min(deadline, self._cap):
+                    del self._armed[key]
+                    _cut(dbapi_connection, self._deadline)
 
 
 def _set_server_limits(conn: Connection) -> None:
@@ -111,7 +143,7 @@ def _cut(dbapi_connection, deadline: float) -> None:
     try:
         with socket.socket(fileno=os.dup(dbapi_connection.pgconn.socket)) as sock:
             sock.shutdown(socket.SHUT_RDWR)
-    except (OSError, ValueError, AttributeError):
-        return  # already closed: nothing is blocked on it
+    except (psycopg.Error, OSError, ValueError, AttributeError):
+        return  # closed or lost already (pgconn.socket raises psycopg's OperationalError): nothing is blocked on it
     log_event(log, logging.WARNING, "a database call outlived its deadline; its connection was cut",
               deadline_s=deadline)

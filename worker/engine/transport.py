@@ -10,17 +10,22 @@ never time out)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import math
 import os
 import socket
+import ssl
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.proxy import connection_requires_http_tunnel
+from urllib3.util.wait import wait_for_read
 
 READ_LIMIT = 8 * 1024  # bytes of an answer read at most: enough for the excerpt, whatever the endpoint sends
 REAP_EVERY = 0.1  # seconds between the reaper's looks: a request may overrun its deadline by this much
@@ -30,7 +35,25 @@ class Answer(NamedTuple):
     status: int
     retry_after: str | None
     head: bytes  # the first READ_LIMIT bytes of the body at most
-    truncated: bool  # the body went on past `head` (the connection was then closed, not drained)
+    truncated: bool  # not the whole body: it went on past `head`, or was cut at the deadline (connection closed)
+
+
+class NotSent(Exception):
+    """Raised by a request's `writing` hook before any byte of the request was written: it was not made."""
+
+
+class _FinalAnswer(http.client.HTTPResponse):
+    """An answer read past every interim one. http.client skips 100 Continue only: a 103 Early Hints would be
+    taken for the answer, and the real one then read as the answer to the next request on the connection."""
+
+    def _read_status(self):
+        while True:
+            version, status, reason = super()._read_status()
+            if status == 101:  # nothing asked to switch protocols: what follows is not HTTP/1.1 any more
+                raise http.client.HTTPException("101 Switching Protocols to a request that asked for no upgrade")
+            if not 100 < status < 200:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # an interim answer's headers; the final answer follows
 
 
 class Transport:
@@ -57,22 +80,18 @@ class Transport:
         self._local = threading.local()
         self.reaper = Reaper()
 
-    def post(self, body: bytes, deadline: float) -> Answer:
-        """POST `body`; the connection is cut at `deadline` (time.monotonic()) if the answer is not in by then."""
+    def post(self, body: bytes, deadline: float,
+             writing: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> Answer:
+        """POST `body`; its socket is cut at `deadline` (time.monotonic()) if the answer is not in by then.
+        `writing()` is entered once connected, just before the first byte of the request is written, and left
+        once the request is written; it may raise NotSent to drop the request (the connection stays open)."""
         connection = self._connection()
         self.reaper.begin(deadline, connection)
         try:
-            if connection.sock is None:
-                self._connect(connection)
-            http.client.HTTPConnection.request(connection, "POST", self._url, body, self._headers)
-            answer = http.client.HTTPConnection.getresponse(connection)
-            head = answer.read(READ_LIMIT)
-            truncated = bool(answer.read(1))  # reads nothing when the body was complete
-            if truncated or answer.will_close:
-                connection.close()  # a long answer is not drained: the connection goes
-            status = answer.status
-            retry_after = answer.getheader("Retry-After") if status in (429, 503) or 300 <= status < 400 else None
-            return Answer(status, retry_after, head, truncated)
+            answer, head = self._exchange(connection, body, writing)
+        except NotSent:
+            self.reaper.end()
+            raise
         except Exception as exc:
             connection.close()
             if self.reaper.end():
@@ -81,16 +100,35 @@ class Transport:
             if translated is exc:
                 raise
             raise translated from exc
-        finally:
-            self.reaper.end()
+        whole = not self.reaper.end() and answer.isclosed() and not answer.length
+        if not whole or answer.will_close:
+            connection.close()  # a long answer is not drained, nor one cut at the deadline: the connection goes
+        status = answer.status
+        retry_after = answer.getheader("Retry-After") if status in (429, 503) or 300 <= status < 400 else None
+        return Answer(status, retry_after, head, not whole)
+
+    def _exchange(self, connection, body: bytes, writing) -> tuple[http.client.HTTPResponse, bytes]:
+        """Connect if need be, write the request, read the answer's status, headers and head."""
+        if connection.sock is None:
+            self._connect(connection)
+        # The socket itself, not the connection: an answer that closes the connection (Connection: close,
+        # HTTP/1.0, no length) takes the socket over and leaves connection.sock None while it is read.
+        self.reaper.watch(connection.sock)
+        with writing():
+            http.client.HTTPConnection.request(connection, "POST", self._url, body, self._headers)
+        answer = http.client.HTTPConnection.getresponse(connection)
+        # http.client closes an answer once its whole body is read; `length` is what its Content-Length
+        # still promised (more than 0 if the connection ended early). Never wait for more than READ_LIMIT.
+        return answer, answer.read(READ_LIMIT)
 
     def _connection(self):
         """This thread's connection, made by the pool with its TLS and proxy settings; dropped if the server
-        closed it while idle (as the pool checks before reusing one)."""
+        closed it while idle, or sent anything unasked."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = self._local.connection = self._pool._new_conn()
-        elif connection.sock is not None and not connection.is_connected:
+            connection.response_class = _FinalAnswer
+        elif connection.sock is not None and not _usable(connection.sock):
             connection.close()
         return connection
 
@@ -101,6 +139,24 @@ class Transport:
         else:
             connection.connect()
         connection.sock.settimeout(self._read_timeout)
+
+
+def _usable(sock) -> bool:
+    """An idle connection the server neither closed nor wrote to. The pool's own check (anything to read?) takes a
+    TLS 1.3 session ticket, which a connection that has not read an answer yet still holds, for a closed one."""
+    if not wait_for_read(sock, timeout=0.0):
+        return True
+    previous = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        sock.recv(1)  # the end of the connection, or a byte nobody asked for: either way it cannot be used
+        return False
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return True  # TLS's own records only (a session ticket), now processed
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(previous)
 
 
 def _translated(exc: BaseException) -> BaseException:
@@ -121,40 +177,55 @@ def _deadline_error(deadline: float) -> Exception:
     return DeadlineExceeded(f"no complete answer by the request's deadline (cut {max(0.0, late):.1f} s after it)")
 
 
+class _Watch:
+    """One request the reaper watches: its deadline, its connection and, once it has one, its socket."""
+
+    __slots__ = ("deadline", "connection", "sock", "cut")
+
+    def __init__(self, deadline: float, connection) -> None:
+        self.deadline, self.connection, self.sock, self.cut = deadline, connection, None, False
+
+
 class Reaper:
-    """Cuts the connection of any request still running past its deadline, from a daemon thread."""
+    """Cuts the socket of any request still running past its deadline, from a daemon thread."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._watched: dict[int, list] = {}  # thread id -> [deadline, connection or None, cut?]
+        self._watched: dict[int, _Watch] = {}  # thread id -> the request it is making
         self._thread = threading.Thread(target=self._run, name="fp-outbox-reaper", daemon=True)
         self._thread.start()
 
     def begin(self, deadline: float, connection) -> None:
         """The calling thread starts a request on `connection` that must be over by `deadline`."""
-        entry = [deadline, connection, False]
+        watch = _Watch(deadline, connection)
         with self._lock:
-            self._watched[threading.get_ident()] = entry
+            self._watched[threading.get_ident()] = watch
+
+    def watch(self, sock) -> None:
+        """The calling thread's request goes over `sock`: cut that, whoever holds it by then."""
+        with self._lock:
+            watch = self._watched.get(threading.get_ident())
+            if watch is not None:
+                watch.sock = sock
 
     def end(self) -> bool:
         """The calling thread's request is over; True if the reaper cut it."""
         with self._lock:
-            entry = self._watched.pop(threading.get_ident(), None)
-        return entry is not None and entry[2]
+            watch = self._watched.pop(threading.get_ident(), None)
+        return watch is not None and watch.cut
 
     def _run(self) -> None:
         while True:
             time.sleep(REAP_EVERY)
             now = time.monotonic()
             with self._lock:
-                for entry in self._watched.values():
-                    if entry[0] <= now and entry[1] is not None and _cut(entry[1]):
-                        entry[0], entry[2] = math.inf, True
+                for watch in self._watched.values():
+                    if watch.deadline <= now and _cut(watch.sock or getattr(watch.connection, "sock", None)):
+                        watch.deadline, watch.cut = math.inf, True
 
 
-def _cut(connection) -> bool:
-    """Shut the socket down so the thread blocked on it wakes at once; False if it has none yet."""
-    sock = getattr(connection, "sock", None)
+def _cut(sock) -> bool:
+    """Shut `sock` down so the thread blocked on it wakes at once; False if there is none yet."""
     if sock is None:
         return False
     try:
