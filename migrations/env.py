@@ -7,7 +7,7 @@ from alembic import context
 from sqlalchemy import pool
 
 from outbox.db import ConfigError, database_url, make_engine
-from outbox.schema import VERSION_TABLE, metadata
+from outbox.schema import VERSION_TABLE, compared_by_alembic, metadata
 
 config = context.config
 url = config.attributes.get("database_url")
@@ -21,7 +21,7 @@ if url is None:
 # same database never show up in this history (and the application's history should likewise
 # exclude the fp_outbox_* tables; see the README).
 def _ours(obj, name, type_, reflected, compare_to) -> bool:
-    return type_ != "table" or name.startswith("fp_outbox_")
+    return type_ != "table" or compared_by_alembic(name)
 
 
 def run_migrations_offline() -> None:

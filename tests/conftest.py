@@ -91,12 +91,25 @@ def engine(db_url: URL) -> Iterator[Engine]:
     eng.dispose()
 
 
+def empty_outbox(engine: Engine) -> None:
+    """No events, no claims, retries or dead letters; the shared rate schedule and the endpoint's state reset.
+    A worker of an earlier test that was killed may still have a backend in the middle of a claim, holding some
+    of the partitions' locks: it is ended first, or the truncate could deadlock with it."""
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND pid <> pg_backend_pid() AND application_name LIKE 'fp-outbox-worker%'"))
+        conn.execute(text("TRUNCATE fp_outbox_events, fp_outbox_claims, fp_outbox_retries, fp_outbox_dead_letters"))
+        if conn.execute(text("SELECT to_regclass('fp_outbox_events_legacy')")).scalar():
+            conn.execute(text("TRUNCATE fp_outbox_events_legacy"))
+        conn.execute(text("SELECT setval('fp_outbox_rate_limit_seq', 0)"))  # the shared rate schedule, reset
+        conn.execute(text("UPDATE fp_outbox_endpoint SET down_since = NULL, probes = 0, next_probe_at = NULL,"
+                          " probe_owner = NULL, probe_until = NULL, reason = NULL"))
+
+
 @pytest.fixture
 def clean(engine: Engine) -> Engine:
     """An empty outbox for this test."""
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events"))
-        conn.execute(text("SELECT setval('fp_outbox_rate_limit_seq', 0)"))  # the shared rate schedule, reset
+    empty_outbox(engine)
     return engine
 
 
@@ -180,7 +193,21 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
     return bool(predicate())
 
 
+def enqueue_events(engine: Engine, count: int) -> list[str]:
+    """`count` events "E" (distinct ids u0, u1, ...) enqueued and committed in one transaction; their $insert_ids."""
+    from sqlalchemy.orm import Session
+
+    import outbox
+
+    with Session(engine) as session:
+        ids = outbox.enqueue_many(session, [{"event": "E", "properties": {"distinct_id": f"u{i}"}}
+                                            for i in range(count)])
+        session.commit()
+    return ids
+
+
 def status_of(engine: Engine) -> dict[str, int]:
+    """How many events are in each state (the view fp_outbox_event_states: one row per event)."""
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT status, count(*) FROM fp_outbox_events GROUP BY status")).all()
+        rows = conn.execute(text("SELECT status, count(*) FROM fp_outbox_event_states GROUP BY status")).all()
     return {status: count for status, count in rows}

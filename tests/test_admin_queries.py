@@ -1,68 +1,90 @@
-"""The admin views (migration 0002) and every statement of docs/admin.sql, run against seeded rows of
-every kind, each checked to do what its comment says; a statement added without a check fails here."""
+"""The admin views (migration 0007) and every statement of docs/admin.sql, run against seeded rows of every kind,
+built as the storage contract says the engine writes them (tests.storage), each checked to do what its comment
+says; a statement added without a check fails here."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 from sqlalchemy import text
 
 from tests.conftest import REPO
+from tests.storage import (backdate_claim, claim_due, claim_fresh, dead_letter, delivered_in_bulk, enqueue,
+                           entries_read, expire_lease, far_slot, settle_fresh)
 from worker.admin.queries import render_admin_sql
 
 ADMIN_SQL = REPO / "docs" / "admin.sql"
-INSERT_ID = "6f1c2a9e-0b7d-4e0c-9a51-3d2f8c7b1e42"  # the example in inspect_event
+INSERT_ID = "6f1c2a9e-0b7d-4e0c-9a51-3d2f8c7b1e42"  # the example in event_state and inspect_event
 
-# (id, insert_id, event, status, attempts, created ago, next_attempt_at from now, lease_until from now,
-#  lease_owner, last_status, last_error, delivered ago, dead ago): one row of every situation.
+# (id, insert_id, event, status, attempts, last_status, last_error): one event of every situation, as seed() makes
+# them: 1 past the position; 2 a retry due an hour ago; 3 in a live fresh claim; 4 a retry whose due claim's
+# lease ran out 10 minutes ago (its worker died); 5 and 6 delivered a day and 8 days ago (6 alone in the oldest
+# slot); 101-104 dead letters.
 ROWS = [
-    (1, "p-new", "Signup", "pending", 0, "1 second", "0 seconds", None, None, None, None, None, None),
-    (2, "p-over", "Signup", "pending", 2, "2 hours", "-1 hour", None, None, 503, "HTTP 503: busy", None, None),
-    (3, "f-live", "Signup", "in_flight", 1, "10 seconds", "1 minute", "1 minute", "live:1:a", None, None, None, None),
-    (4, "f-stuck", "Signup", "in_flight", 3, "1 hour", "-10 minutes", "-10 minutes", "gone:2:b", 503, "HTTP 503",
-     None, None),
-    (5, INSERT_ID, "Purchase", "delivered", 1, "1 day", "0 seconds", None, None, 200, None, "1 day", None),
-    (6, "ok-old", "Purchase", "delivered", 1, "8 days", "0 seconds", None, None, 200, None, "8 days", None),
-    (101, "d-400", "Purchase", "dead", 1, "2 hours", "0 seconds", None, None, 400, "HTTP 400: bad price", None,
-     "1 hour"),
-    (102, "d-400-b", "Purchase", "dead", 1, "3 days", "0 seconds", None, None, 400, "HTTP 400: bad price", None,
-     "3 days"),
-    (103, "d-400-signup", "Signup", "dead", 1, "2 hours", "0 seconds", None, None, 400, "HTTP 400: no email",
-     None, "1 hour"),
-    (104, "d-exhausted", "Purchase", "dead", 25, "41 days", "0 seconds", None, None, 503,
-     "gave up after 25 attempts: HTTP 503", None, "40 days"),
+    (1, "p-new", "Signup", "pending", 0, None, None),
+    (2, "p-over", "Signup", "pending", 2, 503, "HTTP 503: busy"),
+    (3, "f-live", "Signup", "in_flight", 1, None, None),
+    (4, "f-stuck", "Signup", "in_flight", 3, 503, "HTTP 503"),
+    (5, INSERT_ID, "Purchase", "delivered", 1, None, None),
+    (6, "ok-old", "Purchase", "delivered", 1, None, None),
+    (101, "d-400", "Purchase", "dead", 1, 400, "HTTP 400: bad price"),
+    (102, "d-400-b", "Purchase", "dead", 1, 400, "HTTP 400: bad price"),
+    (103, "d-400-signup", "Signup", "dead", 1, 400, "HTTP 400: no email"),
+    (104, "d-exhausted", "Purchase", "dead", 25, 503, "gave up after 25 attempts: HTTP 503"),
 ]
+DEAD_AGO = {101: ("1 hour", "2 hours"), 102: ("3 days", "3 days"), 103: ("1 hour", "2 hours"),
+            104: ("40 days", "41 days")}
 
 
-def _seed(conn) -> None:
-    for (id_, insert_id, name, status, attempts, created, next_at, lease, owner, last_status, last_error,
-         delivered, dead) in ROWS:
-        payload = {"event": name, "properties": {"distinct_id": "u1", "token": "secret-token", "$insert_id": insert_id}}
-        conn.execute(text(
-            "INSERT INTO fp_outbox_events (id, insert_id, event_name, payload, status, attempts, created_at,"
-            " next_attempt_at, lease_until, lease_owner, last_status, last_error, delivered_at, dead_at)"
-            " VALUES (:id, :insert_id, :name, CAST(:payload AS jsonb), :status, :attempts,"
-            " now() - CAST(:created AS interval), now() + CAST(:next_at AS interval),"
-            " now() + CAST(:lease AS interval), :owner, :last_status, :last_error,"
-            " now() - CAST(:delivered AS interval), now() - CAST(:dead AS interval))"),
-            {"id": id_, "insert_id": insert_id, "name": name, "payload": json.dumps(payload), "status": status,
-             "attempts": attempts, "created": created, "next_at": next_at, "lease": lease, "owner": owner,
-             "last_status": last_status, "last_error": last_error, "delivered": delivered, "dead": dead})
-    # Rows inserted later get ids after these, as enqueue's would.
-    conn.execute(text("SELECT setval(pg_get_serial_sequence('fp_outbox_events', 'id'),"
-                      " (SELECT max(id) FROM fp_outbox_events))"))
+def seed(engine) -> None:
+    """ROWS, written as the engine would have: enqueued, claimed, settled, timed into the past."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE fp_outbox_slot_period SET since = now() - interval '30 days'"))
+    _delivered_alone(engine, 6, "ok-old", far_slot(engine, 1), "8 days")  # the oldest slot: past 7 days
+    _delivered_alone(engine, 5, INSERT_ID, far_slot(engine, 14), "1 day")
+    enqueue(engine, name="Signup", insert_ids=["p-over"], ids=[2], created_ago="2 hours")
+    enqueue(engine, name="Signup", insert_ids=["f-stuck"], ids=[4], created_ago="1 hour")
+    claim_id, _ = claim_fresh(engine, owner="gone:2:b")
+    settle_fresh(engine, claim_id, retry=[2, 4], error="HTTP 503: busy")
+    backdate_claim(engine, claim_id, "2 hours")
+    claim_due(engine, [4], owner="gone:2:b")
+    expire_lease(engine, [4], "10 minutes")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE fp_outbox_retries SET attempts = 2, next_attempt_at = now() - interval '1 hour'"
+                          " WHERE id = 2"))
+        conn.execute(text("UPDATE fp_outbox_retries SET attempts = 3, last_error = 'HTTP 503' WHERE id = 4"))
+    enqueue(engine, name="Signup", insert_ids=["f-live"], ids=[3], created_ago="10 seconds")
+    claim_fresh(engine, owner="live:1:a")
+    enqueue(engine, name="Signup", insert_ids=["p-new"], ids=[1], created_ago="1 second")
+    for id_, insert_id, name, _, attempts, status, error in ROWS[6:]:
+        dead_ago, created_ago = DEAD_AGO[id_]
+        dead_letter(engine, id_, name=name, insert_id=insert_id, attempts=attempts, status=status, error=error,
+                    dead_ago=dead_ago, created_ago=created_ago)
+    with engine.begin() as conn:  # events enqueued later get ids after these, as enqueue's would
+        conn.execute(text("SELECT setval(pg_get_serial_sequence('fp_outbox_events', 'id'), 1000)"))
+
+
+def _delivered_alone(engine, id_: int, insert_id: str, slot: int, ago: str) -> None:
+    enqueue(engine, name="Purchase", insert_ids=[insert_id], ids=[id_], slot=slot, created_ago=ago)
+    claim_id, _ = claim_fresh(engine, owner="old:1:c")
+    settle_fresh(engine, claim_id, delivered=[id_])
+    backdate_claim(engine, claim_id, ago)
 
 
 def _rows(conn) -> dict[int, dict]:
-    return {r["id"]: dict(r) for r in conn.execute(text("SELECT * FROM fp_outbox_events")).mappings()}
+    """Every event's state, by id (the view fp_outbox_event_states)."""
+    return {r["id"]: dict(r) for r in conn.execute(text("SELECT * FROM fp_outbox_event_states")).mappings()}
+
+
+def _retries(conn) -> dict[int, dict]:
+    return {r["id"]: dict(r) for r in conn.execute(text(
+        "SELECT *, payload::jsonb AS body FROM fp_outbox_retries")).mappings()}
 
 
 @pytest.fixture
 def seeded(clean):
-    with clean.begin() as conn:
-        _seed(conn)
+    seed(clean)
     return clean
 
 
@@ -105,6 +127,44 @@ def test_lag_view_shows_zero_for_an_empty_outbox(clean):
     assert [tuple(r) for r in rows] == [(s, 0, None) for s in ("pending", "in_flight", "delivered", "dead")]
 
 
+def test_a_fresh_claim_past_its_lease_is_stuck_with_its_events(seeded):
+    with seeded.begin() as conn:
+        conn.execute(text("UPDATE fp_outbox_claims SET lease_until = now() - interval '5 minutes'"
+                          " WHERE owner = 'live:1:a'"))
+    with seeded.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM fp_outbox_stuck ORDER BY id")).mappings().all()
+    assert [(r["id"], r["insert_id"], r["lease_owner"]) for r in rows] == [(3, "f-live", "live:1:a"),
+                                                                         (4, "f-stuck", "gone:2:b")]
+
+
+def test_the_views_and_the_figures_agree_with_every_events_state(seeded):
+    from worker.engine import queue_figures, status_counts
+
+    with seeded.connect() as conn:
+        by_state = dict(conn.execute(text("SELECT status, count(*) FROM fp_outbox_event_states GROUP BY status")).all())
+        lag = {r.status: r.count for r in conn.execute(text("SELECT * FROM fp_outbox_lag"))}
+        stuck = conn.execute(text("SELECT count(*) FROM fp_outbox_event_states"
+                                  " WHERE status = 'in_flight' AND lease_until < now()")).scalar_one()
+        assert stuck == conn.execute(text("SELECT count(*) FROM fp_outbox_stuck")).scalar_one()
+    counts = status_counts(seeded)
+    assert by_state == lag == {k: counts[k] for k in ("pending", "in_flight", "delivered", "dead")}
+    depth = queue_figures(seeded)
+    assert {k: depth[k] for k in ("pending", "in_flight", "dead")} == {"pending": 2, "in_flight": 2, "dead": 4}
+    assert 7100 < depth["oldest_pending_age_s"] < 7300
+
+
+@pytest.mark.parametrize("view", ["fp_outbox_stuck", "fp_outbox_overdue", "fp_outbox_lag"])
+def test_the_views_read_what_waits_not_the_delivered_events(clean, view):
+    """The operator's first questions stay cheap on a table holding a week of deliveries: the views read the events
+    past the position, the open claims and the retries, never the delivered events (20,000 here)."""
+    delivered_in_bulk(clean)
+    enqueue(clean, 3, created_ago="2 minutes")
+    with clean.connect() as conn:
+        rows, read = entries_read(conn, text(f"SELECT * FROM {view}"), "fp_outbox_events_s%")
+    assert len(rows) == {"fp_outbox_stuck": 0, "fp_outbox_overdue": 3, "fp_outbox_lag": 4}[view]
+    assert read < 100, read
+
+
 # -- docs/admin.sql --------------------------------------------------------------------------------
 
 def admin_statements() -> dict[str, tuple[str, str]]:
@@ -141,10 +201,20 @@ def check_find_overdue(engine):
     assert [r["insert_id"] for r in _run(engine, "find_overdue")] == ["p-over"]
 
 
+def check_event_state(engine):
+    [row] = _run(engine, "event_state")
+    assert (row["id"], row["status"], row["event_name"]) == (5, "delivered", "Purchase")
+
+
 def check_inspect_event(engine):
     [row] = _run(engine, "inspect_event")
-    assert (row["id"], row["status"]) == (5, "delivered")
+    assert (row["kept_in"], row["id"]) == ("events", 5)
     assert row["payload_without_token"]["properties"] == {"distinct_id": "u1", "$insert_id": INSERT_ID}
+
+
+def check_event_claims(engine):
+    [row] = _run(engine, "event_claims")
+    assert (row["kind"], row["owner"], row["answer"], row["http_status"]) == ("fresh", "old:1:c", "delivered", None)
 
 
 def check_dead_by_reason(engine):
@@ -169,15 +239,23 @@ def check_requeue_ids(engine):
 
 
 def check_requeue_stuck(engine):
-    assert _run(engine, "requeue_stuck") == 1
+    assert [r["id"] for r in _run(engine, "requeue_stuck")] == [4]
     _assert_requeued(engine, [4], untouched=[3])
 
 
 def check_purge_delivered(engine):
-    assert _run(engine, "purge_delivered") == 1
-    assert _run(engine, "purge_delivered") == 0  # repeated until 0
+    outcomes = {r["slot"]: r["outcome"] for r in _run(engine, "purge_delivered")}
+    assert outcomes[far_slot(engine, 1)] == "truncated" and outcomes[far_slot(engine, 14)] == "young"
+    assert outcomes[far_slot(engine, 0)] == "current"
+    assert set(outcomes.values()) <= {"truncated", "young", "current", "empty"}
     with engine.connect() as conn:
         assert 6 not in _rows(conn) and 5 in _rows(conn)
+    assert "truncated" not in {r["outcome"] for r in _run(engine, "purge_delivered")}  # once
+
+
+def check_purge_claims(engine):
+    assert _run(engine, "purge_claims") == 1  # the claim of 6, 8 days ago
+    assert _run(engine, "purge_claims") == 0  # repeated until 0
 
 
 def check_purge_dead(engine):
@@ -188,16 +266,15 @@ def check_purge_dead(engine):
 
 def _assert_requeued(engine, ids, untouched):
     with engine.connect() as conn:
-        rows = _rows(conn)
+        rows, retries = _rows(conn), _retries(conn)
     before = {row[0]: row for row in ROWS}
     for id_ in ids:
         row = rows[id_]
         assert (row["status"], row["attempts"], row["dead_at"], row["lease_owner"], row["lease_until"]) == \
             ("pending", 0, None, None, None)
-        assert row["payload"]["properties"]["$insert_id"] == before[id_][1]  # the same $insert_id
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM fp_outbox_events WHERE id = ANY(:ids)"
-                                 " AND next_attempt_at <= now()"), {"ids": ids}).scalar() == len(ids)
+        assert retries[id_]["body"]["properties"]["$insert_id"] == before[id_][1]  # the same $insert_id
+        due = retries[id_]["next_attempt_at"]
+        assert due <= due.now(due.tzinfo)
     for id_ in untouched:
         assert rows[id_]["status"] == before[id_][3]
 
@@ -216,7 +293,7 @@ def test_admin_statement_does_what_its_comment_says(seeded, name):
 
 def test_statements_that_change_rows_say_so_first():
     for name, (comment, sql) in admin_statements().items():
-        changes = sql.split(None, 1)[0].upper() in ("UPDATE", "DELETE", "INSERT")
+        changes = bool(re.search(r"\b(UPDATE|DELETE|INSERT|TRUNCATE)\b|fp_outbox_truncate_slot", sql, re.I))
         assert changes == comment.startswith(("CHANGES ROWS", "DELETES ROWS")), name
 
 

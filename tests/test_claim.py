@@ -1,27 +1,24 @@
-"""The claim path on a real PostgreSQL, in process: what the worker's statements carry, the floor and the
-sweep, late commits, lost leases, released rows, and the plans that keep the claim flat."""
+"""The claim path on a real PostgreSQL, in process: what the worker's statements carry, the fresh path's snapshot
+windows (late commits, long transactions, rollbacks, savepoints), a claim that fails, lost leases, released
+events, and the plans that keep the claim flat."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 
 import psycopg
-
-from sqlalchemy import bindparam, text
+from sqlalchemy import text
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 import outbox
-from tests.conftest import TOKEN, wait_until
 from outbox.db import make_engine
+from tests.conftest import TOKEN, status_of, wait_until
 from tests.inprocess import drain, settings, start
 from worker.engine import Worker
-from worker.engine import floor as floor_module
-from worker.engine.floor import FLOOR_WAIT_CAP, Floor
-from worker.engine.store import Store
+from worker.engine.store import Settled, Store
 
 
 def _enqueue(engine, count: int, name: str = "Purchase") -> list[str]:
@@ -57,8 +54,13 @@ def test_the_token_is_never_a_statement_parameter(clean, db_url, sink, tmp_path)
     assert {r.insert_id for r in sink.accepted()} == set(committed)
     assert all(r.token == TOKEN for r in sink.accepted())  # the token was sent ...
     sent = _sent(tmp_path / "trace")
-    assert any("UPDATE fp_outbox_events" in message for message in sent), sent
+    assert any("fp-outbox claim fresh" in message for message in sent), sent
+    assert any("fp-outbox settle fresh" in message for message in sent), sent
     assert not [message for message in sent if TOKEN in message]  # ... but never to the database
+
+
+def _delivered(rows) -> list[Settled]:
+    return [Settled(row, "delivered", 200) for row in rows]
 
 
 def test_a_claim_and_a_settle_take_one_round_trip_each(clean, db_url, tmp_path):
@@ -68,13 +70,14 @@ def test_a_claim_and_a_settle_take_one_round_trip_each(clean, db_url, tmp_path):
     engine = make_engine(db_url, pool_pre_ping=False)  # as the worker's: no ping before each use
     _trace_what_is_sent(engine, tmp_path / "trace")
     store = Store(engine, "me", 30.0)
-    rows, _, _ = store.claim_fresh(0, 10, 1e6)
-    assert store.mark_delivered(rows, [200] * len(rows)) == 5
+    rows, _ = store.claim_fresh(10, 1e6)
+    assert store.settle(_delivered(rows)) == 5
     engine.dispose()
     sent = _sent(tmp_path / "trace")
     assert [message.split("\t")[2].strip() for message in sent] == ["Query", "Query", "Terminate"], sent
-    assert "set_config('statement_timeout'" in sent[0] and "FOR UPDATE SKIP LOCKED" in sent[0], sent
-    assert "set_config('statement_timeout'" in sent[1] and "SET status = 'delivered'" in sent[1], sent
+    assert "set_config('statement_timeout'" in sent[0] and "fp-outbox claim fresh" in sent[0], sent
+    assert "set_config('statement_timeout'" in sent[1] and "fp-outbox settle fresh" in sent[1], sent
+    assert status_of(clean) == {"delivered": 5}
 
 
 def test_a_hand_written_row_without_insert_id_is_sent_with_its_column(clean, db_url, sink):
@@ -88,174 +91,160 @@ def test_a_hand_written_row_without_insert_id_is_sent_with_its_column(clean, db_
     assert arrived.insert_id == "by-hand-1" and arrived.token == TOKEN
 
 
-def _running(db_url, sink, *flags: str) -> Worker:
-    worker = Worker(settings(db_url, sink.url, *flags))
-    worker.runner = start(worker)
-    return worker
+def _claim(store: Store, limit: int = 100) -> list[str]:
+    """One fresh claim, settled delivered at once; the insert_ids it took."""
+    rows, _ = store.claim_fresh(limit, 1e6)
+    store.settle(_delivered(rows))
+    return [row.insert_id for row in rows]
 
 
-def _stop(worker: Worker) -> None:
-    worker.stop()
-    worker.runner.join(30)
-    assert not worker.runner.is_alive()
-    worker.engine.dispose()
+def test_each_event_is_claimed_once_in_commit_order_whatever_order_its_ids_were_taken_in(clean):
+    """A transaction that took its ids first and commits last is claimed by the first claim that sees it
+    committed, not passed over, and never claimed twice; one that rolls back, never."""
+    store = Store(clean, "me", 30.0)
+    assert _claim(store) == []
+    with clean.connect() as held:  # a business transaction: it writes (so has an xid), then enqueues
+        held.execute(text("SELECT pg_current_xact_id()"))
+        late = outbox.enqueue(held, {"event": "Late", "properties": {"distinct_id": "u"}})
+        later = _enqueue(clean, 5)  # enqueued after it, committed before it
+        assert sorted(_claim(store)) == sorted(later)
+        with clean.connect() as doomed:
+            outbox.enqueue(doomed, {"event": "Doomed", "properties": {"distinct_id": "u"}})
+            doomed.rollback()
+        assert _claim(store) == []
+        held.commit()
+    assert _claim(store) == [late]
+    assert _claim(store) == []
+    assert status_of(clean) == {"delivered": 6}
 
 
-def _delivered(sink, insert_ids) -> bool:
-    return set(insert_ids) <= {r.insert_id for r in sink.accepted()}
+def test_savepoints_rolled_back_send_nothing_and_released_ones_are_sent(clean):
+    store = Store(clean, "me", 30.0)
+    with Session(clean) as session:
+        kept = outbox.enqueue(session, {"event": "Kept", "properties": {"distinct_id": "u"}})
+        with session.begin_nested():
+            inner = outbox.enqueue(session, {"event": "Inner", "properties": {"distinct_id": "u"}})
+        nested = session.begin_nested()
+        outbox.enqueue(session, {"event": "Undone", "properties": {"distinct_id": "u"}})
+        nested.rollback()
+        assert _claim(store) == []  # not committed yet
+        session.commit()
+    assert sorted(_claim(store)) == sorted([kept, inner])
+    assert _claim(store) == []
 
 
-def test_a_transaction_that_commits_after_later_ones_is_delivered(clean, db_url, sink, monkeypatch):
-    monkeypatch.setattr(floor_module, "FLOOR_WAIT_CAP", 60.0)  # the xid rule alone, however slow this machine
-    worker = _running(db_url, sink)
-    try:
-        first = _enqueue(clean, 3)
-        assert wait_until(lambda: _delivered(sink, first), 20)
-        with clean.connect() as held:  # a business transaction: it writes (so has an xid), then enqueues
-            held.execute(text("SELECT pg_current_xact_id()"))
-            late = outbox.enqueue(held, {"event": "Late", "properties": {"distinct_id": "u"}})
-            late_id = held.execute(text("SELECT id FROM fp_outbox_events WHERE insert_id = :i"), {"i": late}).scalar()
-            later = _enqueue(clean, 50)  # enqueued after it, committed before it
-            assert wait_until(lambda: _delivered(sink, later), 30)
-            assert worker.claimer.floor.value < late_id  # the floor waits for the open transaction
-            held.commit()
-            committed_at = time.monotonic()
-        assert wait_until(lambda: _delivered(sink, [late]), 10)
-        assert time.monotonic() - committed_at < 5  # the fresh path, at the next poll: not a sweep's luck
-    finally:
-        _stop(worker)
-
-
-def test_a_long_write_transaction_holds_the_floor_back_only_briefly(clean, db_url, sink):
-    """A write transaction left open (a batch job, an idle-in-transaction session) keeps xmin back for its whole
-    life; the floor must not wait for it, or every fresh claim would read all that was delivered since. The
-    floor passes it after FLOOR_WAIT_CAP, and its event, committed at last, is found by the sweep."""
-    worker = _running(db_url, sink)
+def test_a_long_write_transaction_holds_nothing_back(clean, db_url, sink):
+    """A write transaction left open (a batch job, an idle-in-transaction session) delays no other event, and its
+    own are delivered at the first claim after it commits (the next poll), not by a sweep's luck."""
+    worker = Worker(settings(db_url, sink.url))
+    runner = start(worker)
     try:
         with clean.connect() as held:
             held.execute(text("SELECT pg_current_xact_id()"))  # an xid, as any writing transaction has
             late = outbox.enqueue(held, {"event": "Late", "properties": {"distinct_id": "u"}})
-            first = _enqueue(clean, 20)
-            assert wait_until(lambda: _delivered(sink, first), 20)
-            time.sleep(FLOOR_WAIT_CAP + 0.5)
-            later = _enqueue(clean, 20)
-            assert wait_until(lambda: _delivered(sink, later), 20)
-            passed = max(_ids(clean, first))
-            assert wait_until(lambda: worker.claimer.floor.value >= passed, 10)  # not held back by `held`
+            for _ in range(3):
+                batch = _enqueue(clean, 10)
+                assert sink.wait_for(lambda s: set(batch) <= {r.insert_id for r in s.accepted()}, 10)
             held.commit()
-        assert wait_until(lambda: _delivered(sink, [late]), 15)  # the sweep finds what the floor passed
+            committed_at = time.monotonic()
+        assert sink.wait_for(lambda s: late in {r.insert_id for r in s.accepted()}, 10)
+        assert time.monotonic() - committed_at < 3
     finally:
-        _stop(worker)
+        worker.stop()
+        runner.join(30)
+        worker.engine.dispose()
 
 
-def _reserve_ids(engine, count: int) -> list[int]:
-    """Ids no row holds, below everything enqueued from now on (as if taken and not yet committed)."""
-    with engine.begin() as conn:
-        first = conn.execute(text("SELECT nextval(pg_get_serial_sequence('fp_outbox_events', 'id'))")).scalar()
-        conn.execute(text("SELECT setval(pg_get_serial_sequence('fp_outbox_events', 'id'), :to)"),
-                     {"to": first + count})
-    return list(range(first, first + count))
-
-
-def test_a_row_that_appears_below_the_floor_is_swept_up(clean, db_url, sink):
-    """The rare late commit the xid rule cannot see (an id taken before its transaction had an xid), or any
-    row that shows up below the floor: the sweep claims it by due time."""
-    gap = _reserve_ids(clean, 1)
-    worker = _running(db_url, sink)
-    try:
-        after = _enqueue(clean, 10)
-        assert wait_until(lambda: _delivered(sink, after), 20)
-        assert wait_until(lambda: worker.claimer.floor.value > gap[0], 10)
-        with clean.begin() as conn:
-            conn.execute(text("INSERT INTO fp_outbox_events (id, insert_id, event_name, payload) VALUES (:id, 'below',"
-                              " 'Below', CAST(:p AS json))"), {"id": gap[0], "p": _payload("below")})
-        assert wait_until(lambda: _delivered(sink, ["below"]), 10)
-    finally:
-        _stop(worker)
-
-
-def _payload(insert_id: str) -> str:
-    return json.dumps({"event": "Below", "properties": {"distinct_id": "u", "time": 1.7e9, "$insert_id": insert_id}})
-
-
-def test_rows_held_by_a_claim_that_rolls_back_are_claimed_again_above_the_floor(clean):
-    """Another worker's claim locked them (SKIP LOCKED passes them by), then rolled back. That claim had an xid,
-    so this worker's floor cannot pass them while it is open; once it ended they are pending above the floor."""
+def test_a_fresh_claim_that_fails_moves_nothing(clean):
+    """The claim's statement is one transaction: if it fails (here a trigger of the application's refuses its row
+    in the log), the position does not move and the next claim takes the same events."""
     store = Store(clean, "me", 30.0)
-    floor = Floor(store.first_floor())
-
-    def claim() -> list[str]:
-        rows, _, snapshot = store.claim_fresh(floor.value, 100, 1e6)
-        floor.observe([row.id for row in rows], 100, snapshot)
-        store.mark_delivered(rows, [200] * len(rows))
-        return [row.insert_id for row in rows]
-
-    assert len(claim() + claim()) == 0
-    taken = _enqueue(clean, 5)
-    with clean.connect() as other:  # the other worker's claim, still open: its rows are locked
-        locked = other.execute(text("SELECT id FROM fp_outbox_events WHERE status = 'pending' FOR UPDATE")).all()
-        assert len(locked) == len(taken)
-        after = _enqueue(clean, 10)
-        assert sorted(claim()) == sorted(after) and claim() == []
-        assert floor.value < min(_ids(clean, taken))
-        other.rollback()
-    assert sorted(claim()) == sorted(taken)
+    ids = _enqueue(clean, 3)
+    with clean.begin() as conn:
+        conn.execute(text("CREATE FUNCTION fpo_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$ BEGIN RAISE EXCEPTION 'not now'; END $$"))
+        conn.execute(text("CREATE TRIGGER fpo_refuse BEFORE INSERT ON fp_outbox_claims "
+                          "FOR EACH ROW EXECUTE FUNCTION fpo_refuse()"))
+    try:
+        with pytest_raises("not now"):
+            store.claim_fresh(10, 1e6)
+    finally:
+        with clean.begin() as conn:
+            conn.execute(text("DROP TRIGGER fpo_refuse ON fp_outbox_claims"))
+            conn.execute(text("DROP FUNCTION fpo_refuse()"))
+    assert sorted(_claim(store)) == sorted(ids)
 
 
-def _ids(engine, insert_ids: list[str]) -> list[int]:
+def pytest_raises(fragment: str):
+    import pytest
+
+    return pytest.raises(Exception, match=fragment)
+
+
+def _state(engine, insert_id: str):
     with engine.connect() as conn:
-        return conn.execute(text("SELECT id FROM fp_outbox_events WHERE insert_id IN :ids")
-                            .bindparams(bindparam("ids", expanding=True)), {"ids": insert_ids}).scalars().all()
-
-
-def _row(engine, row_id: int):
-    with engine.connect() as conn:
-        return conn.execute(text("SELECT status, attempts, lease_owner, next_attempt_at <= now() AS due"
-                                 " FROM fp_outbox_events WHERE id = :id"), {"id": row_id}).one()
+        return conn.execute(text("SELECT status, attempts, lease_owner, coalesce(next_attempt_at <= now(), false)"
+                                 " AS due FROM fp_outbox_event_states WHERE insert_id = :i"), {"i": insert_id}).one()
 
 
 def test_a_lease_lost_to_another_worker_is_never_settled_by_the_first(clean):
-    _enqueue(clean, 1)
+    [insert_id] = _enqueue(clean, 1)
     first, second = Store(clean, "first", 0.3), Store(clean, "second", 30.0)
-    [row], _, _ = first.claim_fresh(0, 10, 1e6)
-    assert wait_until(lambda: _row(clean, row.id).due, 10)  # its lease ran out (the first worker hung)
+    [row], _ = first.claim_fresh(10, 1e6)
+    assert wait_until(lambda: second.recover_expired(10) == (1, 1), 10)  # its lease ran out (the first hung)
     [again], _ = second.claim_due(10, 1e6)
-    assert again.id == row.id and again.attempts == 2
+    assert again.id == row.id and again.attempts == 2 and not again.fresh
     # The first worker wakes up and settles what it believes it still holds: nothing may change.
-    assert first.mark_delivered([row], [200]) == 0
-    assert first.schedule_retry([row], [5.0], [503], ["HTTP 503"]) == 0
-    assert first.mark_dead([row], [400], ["HTTP 400"]) == 0
-    assert first.release([row]) == 0
-    assert tuple(_row(clean, row.id))[:3] == ("in_flight", 2, "second")
-    assert second.mark_delivered([again], [200]) == 1
-    assert first.schedule_retry([row], [5.0], [503], ["HTTP 503"]) == 0  # nor resurrect it afterwards
-    assert _row(clean, row.id).status == "delivered"
+    for kind in ("delivered", "retry", "dead"):
+        assert first.settle([Settled(row, kind, 503, "HTTP 503", 5.0)]) == 0
+    assert tuple(_state(clean, insert_id))[:3] == ("in_flight", 2, "second")
+    # Nor may an outcome of the second worker's earlier claim of the same row (its attempt was 1).
+    assert second.settle([Settled(type(again)(again.id, 1, again.payload, again.insert_id, again.claim_id),
+                                  "dead", 400, "HTTP 400")]) == 0
+    assert second.settle([Settled(again, "delivered", 200)]) == 1
+    assert first.settle([Settled(row, "retry", 503, "HTTP 503", 5.0)]) == 0  # nor resurrect it afterwards
+    assert tuple(_state(clean, insert_id))[:2] == ("delivered", 2)
+
+
+def test_a_release_gives_the_attempt_back_and_makes_the_events_due_at_once(clean):
+    ids = _enqueue(clean, 2)
+    store = Store(clean, "me", 30.0)
+    rows, _ = store.claim_fresh(10, 1e6)
+    assert [row.attempts for row in rows] == [1, 1]
+    released = [Settled(row, "retry", None, "not sent: released", 0.0, counted=False) for row in rows]
+    assert store.settle(released) == 2
+    assert {tuple(_state(clean, i)) for i in ids} == {("pending", 0, None, True)}
+    again, _ = store.claim_due(10, 1e6)
+    assert sorted(row.insert_id for row in again) == sorted(ids) and {row.attempts for row in again} == {1}
+
+
+def test_settling_the_same_outcome_twice_changes_nothing(clean):
+    """A settle whose reply was lost is sent again (worker.engine.settler): it must not count twice."""
+    _enqueue(clean, 3)
+    store = Store(clean, "me", 30.0)
+    rows, _ = store.claim_fresh(10, 1e6)
+    assert store.settle(_delivered(rows[:2])) == 2
+    assert store.settle(_delivered(rows[:2])) == 0
+    with clean.connect() as conn:
+        claim = conn.execute(text("SELECT done, delivered, settled_at FROM fp_outbox_claims")).one()
+    assert sorted(claim.done) == sorted(row.id for row in rows[:2]) and claim.delivered == 2
+    assert claim.settled_at is None
+    assert store.settle(_delivered(rows)) == 1
+    assert status_of(clean) == {"delivered": 3}
 
 
 def test_the_late_outcome_of_a_superseded_claim_of_the_same_worker_is_never_settled(clean):
-    """One worker claims a row; its send outlives the lease (the row is due again) and the same worker claims it
-    again. The first claim's outcome, arriving late, has the right owner: it must still settle nothing, and the
-    second claim's must settle the row."""
-    _enqueue(clean, 2)
+    """One worker claims events; its send outlives the lease, the claim expires and the same worker claims them
+    again (now retries). The first claim's outcome, arriving late, has the right owner: it must still settle
+    nothing, and the second claim's must settle the events."""
+    ids = _enqueue(clean, 2)
     store = Store(clean, "me", 0.3)
-    first = store.claim_fresh(0, 10, 1e6)[0]
-    assert wait_until(lambda: all(_row(clean, row.id).due for row in first), 10)
+    first, _ = store.claim_fresh(10, 1e6)
+    assert wait_until(lambda: store.recover_expired(10) == (1, 2), 10)
     second, _ = store.claim_due(10, 1e6)
-    assert [row.id for row in second] == [row.id for row in first] and {row.attempts for row in second} == {2}
-    assert store.mark_delivered(first[:1], [200]) == 0
-    assert store.schedule_retry(first[:1], [5.0], [503], ["HTTP 503"]) == 0
-    assert store.mark_dead(first[:1], [400], ["HTTP 400"]) == 0
-    assert store.release(first) == 0
-    assert {tuple(_row(clean, row.id))[:3] for row in first} == {("in_flight", 2, "me")}
-    assert store.mark_dead(second[:1], [400], ["HTTP 400"]) == 1
-    assert store.release(second[1:]) == 1
-    assert [tuple(_row(clean, row.id))[:2] for row in second] == [("dead", 2), ("pending", 1)]
-
-
-def test_release_gives_the_attempt_back_and_makes_the_row_due_at_once(clean):
-    _enqueue(clean, 2)
-    store = Store(clean, "me", 30.0)
-    rows, _, _ = store.claim_fresh(0, 10, 1e6)
-    assert [row.attempts for row in rows] == [1, 1]
-    assert store.release(rows) == 2
-    assert {tuple(_row(clean, row.id)) for row in rows} == {("pending", 0, None, True)}
+    assert sorted(row.id for row in second) == sorted(row.id for row in first)
+    assert {row.attempts for row in second} == {2}
+    for kind in ("delivered", "retry", "dead"):
+        assert store.settle([Settled(first[0], kind, 400, "HTTP 400", 5.0)]) == 0
+    assert store.settle([Settled(row, "delivered", 200) for row in second]) == 2
+    assert {tuple(_state(clean, i))[:2] for i in ids} == {("delivered", 2)}

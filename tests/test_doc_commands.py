@@ -181,8 +181,8 @@ def test_the_lists_name_only_commands_the_docs_show():
 def _seed_two_dead_purchases(engine) -> None:
     with engine.begin() as conn:
         conn.execute(text(
-            "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, attempts, last_status, last_error,"
-            " dead_at) SELECT 'p' || g, 'Purchase', '{}', 'dead', 1, 400,"
+            "INSERT INTO fp_outbox_dead_letters (id, insert_id, event_name, payload, created_at, attempts, last_status,"
+            " last_error, dead_at) SELECT 100 + g, 'p' || g, 'Purchase', '{}', now(), 1, 400,"
             " 'HTTP 400: {\"error\": \"properties.price must be a number\"}', now() FROM generate_series(1, 2) g"))
 
 

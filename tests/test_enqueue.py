@@ -59,7 +59,7 @@ def statements(engine, with_parameters: bool = False):
 def outbox_rows(engine) -> list[dict]:
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(text(
-            "SELECT insert_id, event_name, payload, status, attempts FROM fp_outbox_events ORDER BY id")).mappings()]
+            "SELECT insert_id, event_name, payload, status, attempts FROM fp_outbox_event_states ORDER BY id")).mappings()]
 
 
 def order_refs(engine) -> list[str]:

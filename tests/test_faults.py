@@ -94,7 +94,7 @@ def test_answers_switched_while_a_worker_runs(clean, db_url, sink, workers):
     statuses = {r.status for r in sink.received()}
     assert {429, 503, 0}.issubset(statuses), statuses  # the faults really happened
     with clean.connect() as conn:
-        dead = conn.execute(text("SELECT insert_id, last_status, last_error FROM fp_outbox_events"
+        dead = conn.execute(text("SELECT insert_id, last_status, last_error FROM fp_outbox_event_states"
                                  " WHERE status = 'dead'")).all()
     assert {row.insert_id for row in dead} == set(bad)
     assert all(row.last_status == 400 and "rejected by the sink" in row.last_error for row in dead)
@@ -105,7 +105,7 @@ def test_answers_switched_while_a_worker_runs(clean, db_url, sink, workers):
 def _in_flight_under(engine, pid: int) -> int:
     """Rows in flight under a lease of the worker process `pid` (its owner id is host:pid:random)."""
     with engine.connect() as conn:
-        return conn.execute(text("SELECT count(*) FROM fp_outbox_events WHERE status = 'in_flight'"
+        return conn.execute(text("SELECT count(*) FROM fp_outbox_event_states WHERE status = 'in_flight'"
                                  " AND split_part(lease_owner, ':', 2) = :pid"), {"pid": str(pid)}).scalar()
 
 
@@ -130,7 +130,8 @@ def test_sigkill_at_random_moments_then_restart(clean, db_url, sink, workers):
 def _backend_waiting_on(engine, fragment: str) -> int | None:
     with engine.connect() as conn:
         return conn.execute(text(
-            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'fp-outbox-worker %'"
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name LIKE 'fp-outbox-worker %'"
             " AND wait_event_type = 'Lock' AND query LIKE :q"), {"q": f"%{fragment}%"}).scalar()
 
 
@@ -145,9 +146,9 @@ def _cut_when_waiting(engine, fragment: str, worker) -> None:
 def test_connection_cut_in_the_middle_of_a_claim(clean, db_url, sink, workers):
     committed = _enqueue(clean, 200)
     with clean.connect() as blocker:
-        blocker.execute(text("LOCK TABLE fp_outbox_events IN EXCLUSIVE MODE"))  # the claim must wait
+        blocker.execute(text("LOCK TABLE fp_outbox_claims IN EXCLUSIVE MODE"))  # the claim must wait
         worker = workers(db_url, sink.url, "--drain", *FAST)
-        _cut_when_waiting(clean, "SET status = 'in_flight'", worker)
+        _cut_when_waiting(clean, "fp-outbox claim fresh", worker)
         blocker.rollback()
     assert worker.wait(90) == 0, worker.output()
     assert "database unavailable, backing off" in worker.output()
@@ -162,8 +163,8 @@ def test_connection_cut_in_the_middle_of_a_settle(clean, db_url, sink, workers):
     worker = workers(db_url, sink.url, "--drain", "--concurrency", "20", *FAST)
     assert wait_until(lambda: status_of(clean).get("in_flight", 0) == 20, 30), worker.output()
     with clean.connect() as blocker:
-        blocker.execute(text("SELECT id FROM fp_outbox_events WHERE status = 'in_flight' FOR UPDATE"))
-        _cut_when_waiting(clean, "SET status = 'delivered'", worker)
+        blocker.execute(text("SELECT id FROM fp_outbox_claims WHERE settled_at IS NULL FOR UPDATE"))
+        _cut_when_waiting(clean, "fp-outbox settle fresh", worker)
         blocker.rollback()
     assert worker.wait(90) == 0, worker.output()
     assert "database unavailable, backing off" in worker.output()
@@ -184,7 +185,7 @@ def test_poison_rows_are_dead_lettered_and_do_not_block_the_queue(clean, db_url,
     assert worker.wait(60) == 0, worker.output()
     _check_delivery(sink, committed)
     with clean.connect() as conn:
-        dead = dict(conn.execute(text("SELECT insert_id, last_error FROM fp_outbox_events WHERE status = 'dead'")).all())
+        dead = dict(conn.execute(text("SELECT insert_id, last_error FROM fp_outbox_event_states WHERE status = 'dead'")).all())
     assert set(dead) == {"p1", "p2", "p3"} and all("malformed payload" in e for e in dead.values())
 
 
@@ -198,7 +199,7 @@ def test_sigterm_releases_what_cannot_finish_and_a_second_signal_exits_at_once(c
     assert worker.wait(30) == 0, worker.output()
     assert time.monotonic() - started < 10
     with clean.connect() as conn:
-        rows = conn.execute(text("SELECT status, lease_owner FROM fp_outbox_events")).all()
+        rows = conn.execute(text("SELECT status, lease_owner FROM fp_outbox_event_states")).all()
     assert all(row.status == "pending" and row.lease_owner is None for row in rows)  # released at once
 
     again = workers(db_url, sink.url, "--concurrency", "8", *FAST)

@@ -7,20 +7,10 @@ from __future__ import annotations
 import time
 
 from sqlalchemy import text
-from sqlalchemy.orm import Session
 
-import outbox
-from tests.conftest import status_of, wait_until
+from tests.conftest import enqueue_events, status_of, wait_until
 
 FAST = ["--connect-timeout", "0.5", "--read-timeout", "5", "--inline-attempts", "1", "--poll-interval", "0.5"]
-
-
-def _enqueue(engine, count: int) -> list[str]:
-    with Session(engine) as session:
-        ids = outbox.enqueue_many(session, [{"event": "E", "properties": {"distinct_id": f"u{i}"}}
-                                            for i in range(count)])
-        session.commit()
-    return ids
 
 
 def _queue_usage(engine) -> float:
@@ -34,7 +24,7 @@ def test_a_busy_worker_keeps_reading_its_notifications(clean, db_url, sink, work
     worker = workers(db_url, sink.url, "--concurrency", "4", *FAST)
     assert wait_until(lambda: "wake-up by LISTEN" in worker.output(), 20), worker.output()
     sink.set_faults(latency=0.3)
-    _enqueue(clean, 150)  # 4 at a time, 0.3 s each: busy for about 11 s
+    enqueue_events(clean, 150)  # 4 at a time, 0.3 s each: busy for about 11 s
     assert wait_until(lambda: status_of(clean).get("in_flight", 0) > 0, 10)
     with clean.begin() as conn:  # 20 MB of notifications: far more than the socket buffers hold
         conn.execute(text("SELECT pg_notify('fp_outbox', repeat('x', 1000) || i) FROM generate_series(1, 20000) i"))

@@ -1,4 +1,5 @@
-"""The worker as a service: sd_notify datagrams, the Prometheus endpoint, retention, structured logs."""
+"""The worker as a service: sd_notify datagrams, the Prometheus endpoint, retention (whole partitions, never a
+DELETE on the events), structured logs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 
 import outbox
 from tests.conftest import TOKEN, status_of, wait_until
+from tests.storage import dead_letter
 
 FAST = ["--connect-timeout", "0.5", "--read-timeout", "1", "--poll-interval", "0.2"]
 
@@ -77,18 +79,26 @@ def test_metrics_endpoint_counts_deliveries_and_dead_letters(clean, db_url, sink
     assert worker.wait(30) == 0
 
 
-def test_worker_purges_delivered_rows_past_retention(clean, db_url, sink, workers):
+def test_worker_retires_delivered_events_past_retention(clean, db_url, sink, workers):
     _enqueue(clean, 30)
-    with clean.begin() as conn:  # dead rows have a retention of their own (30 days by default)
-        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, dead_at) VALUES"
-                          " ('dead-1d', 'E', '{}', 'dead', now() - interval '1 day'),"
-                          " ('dead-40d', 'E', '{}', 'dead', now() - interval '40 days')"))
+    dead_letter(clean, 900001, dead_ago="1 day")  # dead letters have a retention of their own (30 days by default)
+    dead_letter(clean, 900002, dead_ago="40 days")
     worker = workers(db_url, sink.url, *FAST, "--retain-delivered", "2s")
     assert wait_until(lambda: status_of(clean).get("delivered") == 30, 30), worker.output()
-    assert wait_until(lambda: status_of(clean) == {"dead": 1}, 30), worker.output()
-    assert wait_until(lambda: "purged old rows" in worker.output(), 10)  # logged just after the delete
+    # The slot period follows the retention (10 s at least): the events' partition goes once its period is over
+    # and it is not the current slot, all its events claimed and settled.
+    assert wait_until(lambda: status_of(clean) == {"dead": 1}, 60), worker.output()
+    assert "retention: slot period set" in worker.output()
+    assert wait_until(lambda: "retention: slot truncated" in worker.output(), 10)  # logged once the run is over
+    assert wait_until(lambda: "purged old rows" in worker.output(), 10)
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0
+    with clean.connect() as conn:
+        deleted = conn.execute(text("SELECT coalesce(sum(n_tup_del), 0) FROM pg_stat_user_tables"
+                                    " WHERE relname LIKE 'fp_outbox_events_s%'")).scalar_one()
+    assert deleted == 0  # by TRUNCATE, never by DELETE
+    with clean.begin() as conn:  # the period back to the default, for the tests after this one
+        conn.execute(text("SELECT fp_outbox_set_slot_period(7 * 86400)"))
 
 
 def test_json_logs_name_events_but_never_the_token_or_payload(clean, db_url, sink, workers):

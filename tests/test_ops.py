@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from datetime import timedelta
 
 import pytest
@@ -12,15 +13,24 @@ from sqlalchemy import text
 
 import outbox
 from tests.conftest import create_database, drop_database, status_of, url_string
-from tests.test_admin_queries import ROWS, _rows, _seed
+from tests.storage import backdate_claim, claim_fresh, dead_letter, enqueue, far_slot, settle_fresh
+from tests.test_admin_queries import ROWS, _retries, _rows, seed
 from worker.admin import main
 from worker.engine import DEFAULT_RETAIN_DELIVERED, parse_duration, parse_retention, purge_dead, purge_delivered
+from worker.engine.retention import purge_claims
 
 
 @pytest.fixture
 def seeded(clean):
+    seed(clean)
+    return clean
+
+
+@pytest.fixture
+def aged(clean):
+    """An empty outbox whose slot period has been in force for a month."""
     with clean.begin() as conn:
-        _seed(conn)
+        conn.execute(text("UPDATE fp_outbox_slot_period SET since = now() - interval '30 days'"))
     return clean
 
 
@@ -128,15 +138,15 @@ def test_dead_with_no_match(seeded, fp):
 
 def test_requeue_dead_by_filter_keeps_the_payload(seeded, fp):
     with seeded.connect() as conn:
-        before = _rows(conn)
+        before = {r.id: r.payload for r in conn.execute(text("SELECT id, payload::text FROM fp_outbox_dead_letters"))}
     code, out, _ = fp("requeue", "--dead", "--error", "HTTP 400", "--event", "Purchase", "--yes")
     assert code == 0 and "requeued 2 dead events named 'Purchase', with 'HTTP 400' in the error" in out
     with seeded.connect() as conn:
-        after = _rows(conn)
+        after, retries = _rows(conn), {r.id: r for r in conn.execute(text(
+            "SELECT id, payload::text, next_attempt_at <= now() AS due FROM fp_outbox_retries"))}
     for id_ in (101, 102):
         assert (after[id_]["status"], after[id_]["attempts"], after[id_]["dead_at"]) == ("pending", 0, None)
-        assert after[id_]["payload"] == before[id_]["payload"]
-        assert after[id_]["next_attempt_at"] <= after[id_]["next_attempt_at"].now(after[id_]["next_attempt_at"].tzinfo)
+        assert retries[id_].payload == before[id_] and retries[id_].due
     assert {id_: after[id_]["status"] for id_ in (103, 104)} == {103: "dead", 104: "dead"}
 
 
@@ -169,6 +179,29 @@ def test_requeue_stuck_takes_only_expired_leases(seeded, fp):
     assert (rows[3]["status"], rows[3]["lease_owner"]) == ("in_flight", "live:1:a")
 
 
+def test_requeue_stuck_takes_the_events_of_a_claim_whose_worker_died_and_the_log_says_so(clean, fp):
+    ids = enqueue(clean, 3, insert_ids=["s1", "s2", "s3"])
+    claim_id, _ = claim_fresh(clean, owner="gone:9:zz")
+    settle_fresh(clean, claim_id, delivered=ids[:1])
+    with clean.begin() as conn:
+        conn.execute(text("UPDATE fp_outbox_claims SET lease_until = now() - interval '1 minute' WHERE id = :id"),
+                     {"id": claim_id})
+    code, out, _ = fp("requeue", "--id", str(ids[1]), "--yes")  # one of them first
+    assert code == 0 and "requeued 1 of 1 events" in out
+    code, out, _ = fp("requeue", "--stuck", "--yes")  # then the rest
+    assert code == 0 and "requeued 1 stuck event" in out
+    with clean.connect() as conn:
+        rows, retries = _rows(conn), _retries(conn)
+        claim = conn.execute(text("SELECT * FROM fp_outbox_claims WHERE id = :id"), {"id": claim_id}).mappings().one()
+    assert {i: rows[i]["status"] for i in ids} == {ids[0]: "delivered", ids[1]: "pending", ids[2]: "pending"}
+    assert all(retries[i]["attempts"] == 0 and retries[i]["body"]["properties"]["$insert_id"] == f"s{n + 2}"
+               for n, i in enumerate(ids[1:]))
+    assert sorted(claim["done"]) == sorted(ids) and claim["settled_at"] is not None and claim["expired"]
+    assert claim["failed_ids"] == [ids[1], ids[2]] and claim["delivered"] == 1
+    assert set(claim["failed_errors"]) == {"lease expired, requeued by the operator"}
+    assert fp("stuck")[1] == "no stuck events: nothing is in flight past its lease\n"
+
+
 def test_requeue_by_id_says_why_it_skips(seeded, fp):
     code, out, err = fp("requeue", "--id", "101", "3", "--id", "6", "999", "4", "--yes")
     assert code == 0 and "requeued 2 of 5 events" in out
@@ -199,40 +232,62 @@ def test_requeue_filters_belong_to_dead(seeded, fp):
 
 # -- purge -----------------------------------------------------------------------------------------
 
-def _delivered(engine, count: int, delivered_ago: str, created_ago: str | None = None) -> None:
-    with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, delivered_at, created_at)"
-            " SELECT 'g' || g || :ago, 'E', '{}', 'delivered', now() - CAST(:ago AS interval),"
-            " now() - CAST(:created AS interval) FROM generate_series(1, :n) g"),
-            {"n": count, "ago": delivered_ago, "created": created_ago or delivered_ago})
+PURGED = re.compile(r"(would retire|retired) (\d+) slots? of delivered events \(([^:]*): about [\d,]+ events\), "
+                    r"(\d+) claims log rows?, (\d+) delivered retries rows? and (\d+) dead letters?(.*)")
 
 
-def test_purge_deletes_old_delivered_and_dead_in_batches(clean, fp):
-    with clean.begin() as conn:  # in enqueue order, as an application writes them
-        conn.execute(text(
-            "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, dead_at, created_at)"
-            " SELECT 'dead' || g, 'E', '{}', 'dead', now() - make_interval(days => 50 - g),"
-            " now() - make_interval(days => 50 - g) FROM generate_series(1, 30) g"))  # dead 49 .. 20 days ago
-    _delivered(clean, 25, "10 days")
-    _delivered(clean, 5, "1 day")
+def _purged(out: str) -> tuple:
+    """(slots, partitions, claims, retries, dead letters, note) from purge's first line."""
+    match = PURGED.match(out.splitlines()[0])
+    assert match, out
+    verb, slots, partitions, claims, retries, dead, note = match.groups()
+    return int(slots), partitions, int(claims), int(retries), int(dead), note
+
+
+def _delivered(engine, count: int, slot: int, ago: str) -> list[int]:
+    """`count` events in `slot`, claimed and delivered `ago` (one claim)."""
+    ids = enqueue(engine, count, slot=slot, created_ago=ago)
+    claim_id, _ = claim_fresh(engine)
+    settle_fresh(engine, claim_id, delivered=ids)
+    backdate_claim(engine, claim_id, ago)
+    return ids
+
+
+def test_purge_retires_old_delivered_slots_and_dead_letters(aged, fp):
+    for n in range(30):  # dead 49 .. 20 days ago
+        dead_letter(aged, 5000 + n, dead_ago=f"{49 - n} days")
+    _delivered(aged, 25, far_slot(aged, 1), "10 days")  # the oldest slot: past 7 days
+    _delivered(aged, 5, far_slot(aged, 14), "1 day")
     code, out, _ = fp("purge", "--delivered-older-than", "7d", "--dead-older-than", "30d", "--batch-size", "4",
                       "--yes")
-    assert (code, out) == (0, "purged 25 delivered and 20 dead events\n")
-    assert status_of(clean) == {"delivered": 5, "dead": 10}
+    assert code == 0 and _purged(out) == (1, f"fp_outbox_events_s{far_slot(aged, 1):02d}", 1, 0, 20, "")
+    assert status_of(aged) == {"delivered": 5, "dead": 10}
 
 
 def test_purge_dry_run_and_confirmation(seeded, fp):
-    assert fp("purge", "--delivered-older-than", "7d", "--dry-run")[1] == \
-        "would delete 1 delivered and 0 dead events (dry run: nothing changed)\n"
+    code, out, _ = fp("purge", "--delivered-older-than", "7d", "--dry-run")
+    assert code == 0 and _purged(out) == (1, f"fp_outbox_events_s{far_slot(seeded, 1):02d}", 1, 0, 0,
+                                          " (dry run: nothing changed)")
     code, _, err = fp("purge", "--delivered-older-than", "7d")
-    assert code == 2 and "Delete delivered events older than 7d" in err and "pass --yes" in err
+    assert code == 2 and "Retire delivered events older than 7d" in err and "pass --yes" in err
     assert len(_all(seeded)) == len(ROWS)
 
 
-def test_purge_older_than_zero_takes_every_delivered_row(clean, fp):
-    _delivered(clean, 3, "1 second")
-    assert fp("purge", "--delivered-older-than", "0s", "--yes")[1] == "purged 3 delivered and 0 dead events\n"
+def test_purge_says_which_slot_old_enough_stays_and_why(aged, fp):
+    slot = far_slot(aged, 1)
+    _delivered(aged, 2, slot, "10 days")
+    enqueue(aged, 1, slot=slot)  # an event of that slot the workers have not claimed
+    code, out, _ = fp("purge", "--delivered-older-than", "7d", "--yes")
+    assert code == 0 and _purged(out)[0] == 0
+    assert f"kept fp_outbox_events_s{slot:02d}, old enough but unclaimed: events in it not claimed yet" in out
+    assert status_of(aged) == {"delivered": 2, "pending": 1}
+
+
+def test_the_current_slot_is_never_truncated_even_by_a_purge_of_everything(aged, fp):
+    _delivered(aged, 3, far_slot(aged, 0), "1 second")
+    code, out, _ = fp("purge", "--delivered-older-than", "0s", "--yes")
+    assert code == 0 and _purged(out)[:3] == (0, "none", 0)  # the latest fresh claim holds the position
+    assert status_of(aged) == {"delivered": 3}
 
 
 def test_purge_needs_something_to_purge(fp):
@@ -242,48 +297,42 @@ def test_purge_needs_something_to_purge(fp):
         fp("purge", "--delivered-older-than", "7d", "--batch-size", "0")
 
 
-def test_purge_delivered_is_bounded_per_call(clean):
-    _delivered(clean, 10, "8 days")
-    assert purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=2) == 6
-    assert purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=2) == 4
-    assert purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=2) == 0
+def _claims(engine, count: int, ago: str) -> None:
+    for _ in range(count):
+        ids = enqueue(engine, 1)
+        claim_id, _ = claim_fresh(engine)
+        settle_fresh(engine, claim_id, delivered=ids)
+        backdate_claim(engine, claim_id, ago)
 
 
-def test_purge_delivered_keeps_young_and_unfinished_rows(clean):
-    _delivered(clean, 5, "8 days")
-    _delivered(clean, 3, "1 day", created_ago="9 days")  # created long ago, delivered recently: kept
-    with clean.begin() as conn:
-        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, created_at)"
-                          " VALUES ('old-pending', 'E', '{}', now() - interval '20 days')"))
-    _delivered(clean, 4, "8 days")  # these follow the recent ones in id order
-    _delivered(clean, 6, "1 hour")
-    assert purge_delivered(clean, timedelta(days=7), batch_size=2, max_batches=100) == 9
-    assert status_of(clean) == {"delivered": 9, "pending": 1}
+def test_purge_of_the_claims_log_is_bounded_per_call(aged):
+    _claims(aged, 10, "8 days")
+    _claims(aged, 1, "1 hour")  # the latest fresh claim
+    assert purge_delivered(aged, timedelta(days=7), batch_size=3, max_batches=2).claims == 6
+    assert purge_delivered(aged, timedelta(days=7), batch_size=3, max_batches=2).claims == 4
+    assert purge_delivered(aged, timedelta(days=7), batch_size=3, max_batches=2).claims == 0
 
 
-def test_purge_stops_walking_at_rows_younger_than_the_cutoff(clean):
-    _delivered(clean, 4, "8 days")
-    _delivered(clean, 50, "1 hour")
+def test_purge_stops_walking_the_claims_log_at_claims_younger_than_the_cutoff(aged):
+    _claims(aged, 4, "8 days")
+    _claims(aged, 30, "1 hour")
     batches = []
-    original = clean.begin
+    original = aged.begin
 
     def counting_begin():
         batches.append(1)
         return original()
-    clean.begin = counting_begin
+    aged.begin = counting_begin
     try:
-        assert purge_delivered(clean, timedelta(days=7), batch_size=3, max_batches=100) == 4
+        assert purge_claims(aged, timedelta(days=7), batch_size=3) == 4
     finally:
-        del clean.begin
-    assert len(batches) == 3  # not 18: the walk ends with the first batch of young rows only
+        del aged.begin
+    assert len(batches) == 2  # not 12: the walk ends with the first batch holding a young claim
 
 
 def test_purge_dead_is_bounded_and_uses_dead_at(clean):
-    with clean.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, dead_at)"
-            " SELECT 'd' || g, 'E', '{}', 'dead', now() - make_interval(days => g, hours => -12)"
-            " FROM generate_series(1, 10) g"))  # dead 0.5 .. 9.5 days ago
+    for n in range(1, 11):  # dead 0.5 .. 9.5 days ago
+        dead_letter(clean, 6000 + n, dead_ago=f"{n * 24 - 12} hours")
     assert purge_dead(clean, timedelta(days=5), batch_size=2, max_batches=2) == 4
     assert purge_dead(clean, timedelta(days=5), batch_size=2, max_batches=10) == 1
     assert status_of(clean) == {"dead": 5}
@@ -297,12 +346,15 @@ def _all(engine):
 # -- status ----------------------------------------------------------------------------------------
 
 def test_status_adds_stuck_overdue_and_throughput(seeded, fp):
-    _delivered(seeded, 30, "10 seconds")
+    ids = enqueue(seeded, 30)
+    claim_id, claimed = claim_fresh(seeded)  # takes p-new too, which stays in flight
+    settle_fresh(seeded, claim_id, delivered=ids)
+    assert sorted(claimed) == [1, *ids]
     code, out, _ = fp("status", "--json")
     counts = json.loads(out)
     assert code == 0
     assert {k: counts[k] for k in ("pending", "in_flight", "delivered", "dead")} == \
-        {"pending": 2, "in_flight": 2, "delivered": 32, "dead": 4}
+        {"pending": 1, "in_flight": 3, "delivered": 32, "dead": 4}
     assert isinstance(counts["oldest_pending_age_s"], float)
     assert {k: counts[k] for k in ("stuck", "overdue", "delivered_last_minute", "dead_last_minute")} == \
         {"stuck": 1, "overdue": 1, "delivered_last_minute": 30, "dead_last_minute": 0}
@@ -363,7 +415,14 @@ def test_dead_after_a_400_then_requeued_and_delivered_with_the_same_insert_id(cl
     delivered = [r.insert_id for r in sink.accepted() if r.event == "Purchase"]
     assert sorted(delivered) == sorted(ids)  # the same $insert_id as the rejected sends
 
-    with clean.begin() as conn:
-        conn.execute(text("UPDATE fp_outbox_events SET delivered_at = now() - interval '8 days'"))
-    assert fp("purge", "--delivered-older-than", "7d", "--yes")[1] == "purged 4 delivered and 0 dead events\n"
+    with clean.begin() as conn:  # a week later, as it were: their slot's period is long over, and so are the claims
+        conn.execute(text("UPDATE fp_outbox_slot_period SET since = now() - interval '30 days'"))
+        conn.execute(text("UPDATE fp_outbox_events SET slot = :slot"), {"slot": far_slot(clean, 1)})
+        conn.execute(text("UPDATE fp_outbox_claims SET claimed_at = claimed_at - interval '8 days',"
+                          " settled_at = settled_at - interval '8 days',"
+                          " lease_until = lease_until - interval '8 days'"))
+        conn.execute(text("UPDATE fp_outbox_retries SET delivered_at = delivered_at - interval '8 days'"))
+    code, out, _ = fp("purge", "--delivered-older-than", "7d", "--yes")
+    slots, _, _, retries, dead, _ = _purged(out)
+    assert (code, slots, retries, dead) == (0, 1, 3, 0)
     assert status_of(clean) == {}

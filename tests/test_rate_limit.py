@@ -14,29 +14,20 @@ import threading
 import time
 
 from sqlalchemy import text
-from sqlalchemy.orm import Session
 
-import outbox
 from bench.common import busiest_window
-from tests.conftest import status_of, wait_until
+from tests.conftest import enqueue_events, status_of, wait_until
 from tests.inprocess import settings, start
 from tests.rawhttp import TLSServer
-from worker.engine import Worker
-from worker.engine.permits import CHUNK_FRACTION, Permits
-from worker.engine.metrics import Metrics
-from worker.engine.store import Grant, Store
 from worker.devtools.fast_receiver import ReceiverProcess
+from worker.engine import Worker
+from worker.engine.metrics import Metrics
+from worker.engine.permits import CHUNK_FRACTION, Permits
+from worker.engine.store import Grant, Store
 
 FAST = ["--connect-timeout", "0.5", "--read-timeout", "2", "--poll-interval", "0.2", "--concurrency", "16"]
 FAST_PROCESS = ["--connect-timeout", "0.5", "--read-timeout", "2", "--poll-interval", "0.2"]
 CLOCK_SLOP = 0.002  # the sink's time.time() and the database's clock_timestamp() read the same clock
-
-
-def _enqueue(engine, count: int) -> list[str]:
-    with Session(engine) as session:
-        ids = outbox.enqueue_many(session, [{"event": "E", "properties": {"distinct_id": f"u{i}"}} for i in range(count)])
-        session.commit()
-    return ids
 
 
 class Recorder:
@@ -48,10 +39,10 @@ class Recorder:
         self._lock = threading.Lock()
         fresh, due, acquire, pause = store.claim_fresh, store.claim_due, store.acquire_permits, store.pause_all
 
-        def fresh_recorded(floor: int, limit: int, rate: float, **kwargs):
-            rows, grant, snapshot = fresh(floor, limit, rate, **kwargs)
+        def fresh_recorded(limit: int, rate: float, **kwargs):
+            rows, grant = fresh(limit, rate, **kwargs)
             self._keep(grant, [row.insert_id for row in rows])
-            return rows, grant, snapshot
+            return rows, grant
 
         def due_recorded(limit: int, rate: float, **kwargs):
             rows, grant = due(limit, rate, **kwargs)
@@ -110,7 +101,7 @@ def assert_the_limit_held(running, sink, committed: list[str], limit: float) -> 
 
 def test_four_workers_start_no_more_than_the_limit_in_any_second(clean, db_url, sink):
     limit = 300
-    committed = _enqueue(clean, 1800)
+    committed = enqueue_events(clean, 1800)
     running = _workers(db_url, sink, 4, "--drain", "--rate-limit", str(limit))
     _join(running, 120)
     assert_the_limit_held(running, sink, committed, limit)
@@ -165,7 +156,7 @@ def _check_pause(running, sink, seconds: float) -> None:
 
 
 def test_a_429_without_retry_after_pauses_every_worker_for_a_second(clean, db_url, sink):
-    _enqueue(clean, 300)
+    enqueue_events(clean, 300)
     running = _workers(db_url, sink, 2, "--drain", "--rate-limit", "100")
     assert wait_until(lambda: len(sink.received()) >= 20, 30)
     sink.answer_next(429)  # no Retry-After: the default pause, one second
@@ -175,7 +166,7 @@ def test_a_429_without_retry_after_pauses_every_worker_for_a_second(clean, db_ur
 
 
 def test_a_429_pauses_every_worker_for_its_retry_after(clean, db_url, sink):
-    _enqueue(clean, 300)
+    enqueue_events(clean, 300)
     running = _workers(db_url, sink, 2, "--drain", "--rate-limit", "100")
     assert wait_until(lambda: len(sink.received()) >= 20, 30)
     sink.answer_next(429, retry_after="2")
@@ -220,7 +211,7 @@ def test_under_a_cpu_hog_four_worker_processes_never_exceed_the_limit_where_requ
         with cpu_hog(os.cpu_count() or 2, nice=10):
             for run in range(10):
                 receiver.reset()
-                _enqueue(clean, backlog)
+                enqueue_events(clean, backlog)
                 assert wait_until(lambda: receiver.stats()["distinct_insert_ids"] >= backlog, 40), \
                     [proc.output() for proc in procs]
                 arrivals = receiver.arrivals()
@@ -248,7 +239,7 @@ def test_requests_that_cannot_start_within_their_slices_take_new_ones(clean, db_
     with TLSServer(tmp_path, handshake_delay, ok) as endpoint:
         procs = [workers(db_url, endpoint.url, "--rate-limit", str(limit), "--concurrency", "8", *FAST_PROCESS,
                          "--connect-timeout", "2", env={"REQUESTS_CA_BUNDLE": endpoint.cert}) for _ in range(4)]
-        _enqueue(clean, backlog)
+        enqueue_events(clean, backlog)
         assert wait_until(lambda: status_of(clean) == {"delivered": backlog}, 60), [p.output() for p in procs]
         arrivals = list(endpoint.arrived)
     busiest = busiest_window(arrivals)
@@ -267,7 +258,7 @@ def test_a_clock_step_back_on_the_database_host_never_stalls_delivery(clean, db_
     """The schedule an hour in the future (the database's clock stepped back an hour, or a failover to a host an
     hour behind): every grant would wait an hour. The worker resets it, says so, and delivers at once."""
     _schedule_ahead(clean, 3600)
-    committed = _enqueue(clean, 20)
+    committed = enqueue_events(clean, 20)
     worker = workers(db_url, sink.url, "--drain", *FAST_PROCESS)
     assert worker.wait(30) == 0, worker.output()
     assert {r.insert_id for r in sink.accepted()} == set(committed)

@@ -20,8 +20,7 @@ from sqlalchemy.orm import Session
 import outbox
 from tests.conftest import free_port, status_of, url_string, wait_until
 from worker.admin import main as admin_main
-from worker.engine.floor import FRESH_START_WINDOW
-from worker.engine.store import Store
+from worker.engine.store import Settled, Store
 
 # Short timeouts and backoff, so an outage's probes come every second at most (min(--retry-cap, 30 s)).
 FAST = ["--connect-timeout", "0.5", "--read-timeout", "1", "--inline-attempts", "2", "--retry-base", "0.2",
@@ -50,7 +49,7 @@ def _log_lines(workers_, message: str) -> list[str]:
 
 def _max_attempts(engine) -> int:
     with engine.connect() as conn:
-        return conn.execute(text("SELECT coalesce(max(attempts), 0) FROM fp_outbox_events")).scalar()
+        return conn.execute(text("SELECT coalesce(max(attempts), 0) FROM fp_outbox_event_states")).scalar()
 
 
 def test_an_outage_costs_probes_not_attempts_and_recovery_goes_at_the_rate_limit(clean, db_url, sink, workers):
@@ -127,8 +126,8 @@ def test_one_event_that_keeps_failing_while_others_succeed_dies_by_its_own_attem
 
 
 def test_a_late_batch_goes_out_at_the_rate_limit(clean, db_url, sink, workers):
-    """Two batch transactions hold their ids open well past FLOOR_WAIT_CAP while the application commits a
-    trickle: the floor passes the batch, whose rows then commit below it and are the due path's."""
+    """Two batch transactions stay open for seconds, their ids taken, while the application commits a trickle:
+    the trickle is not held back, and the batch goes out at the rate limit from its commit."""
     limit, batch = 500, 1500
     worker = workers(db_url, sink.url, "--rate-limit", str(limit), *FAST)
     jobs = [Session(clean) for _ in range(2)]
@@ -140,7 +139,7 @@ def test_a_late_batch_goes_out_at_the_rate_limit(clean, db_url, sink, workers):
     for _ in range(12):  # 3 s of an application committing 20 events a second
         trickle += _enqueue(clean, 5)
         time.sleep(0.25)
-    assert sink.wait_for(lambda s: _delivered(s, trickle), 10), worker.output()  # the floor moved past the batch
+    assert sink.wait_for(lambda s: _delivered(s, trickle), 10), worker.output()  # not held back by the batch
     for job in jobs:
         job.commit()
         job.close()
@@ -154,9 +153,11 @@ def test_a_requeue_of_thousands_of_dead_rows_goes_at_the_rate_limit(clean, db_ur
     limit, count = 1000, 4000
     with clean.begin() as conn:
         conn.execute(text(
-            "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, attempts, dead_at, last_status)"
-            " SELECT 'dead-' || g, 'E', json_build_object('event', 'E', 'properties',"
-            "        json_build_object('distinct_id', 'u' || g, '$insert_id', 'dead-' || g, 'time', 1796000000)), 'dead', 25, now(), 503"
+            "INSERT INTO fp_outbox_dead_letters (id, insert_id, event_name, payload, created_at, attempts, last_status,"
+            "                                    last_error)"
+            " SELECT -g, 'dead-' || g, 'E', json_build_object('event', 'E', 'properties',"
+            "        json_build_object('distinct_id', 'u' || g, '$insert_id', 'dead-' || g, 'time', 1796000000)),"
+            "        now(), 25, 503, 'gave up after 25 attempts: HTTP 503'"
             " FROM generate_series(1, :n) g"), {"n": count})
     worker = workers(db_url, sink.url, "--rate-limit", str(limit), *FAST)
     _enqueue(clean, 1)  # the worker is up and past its first sweep before the requeue
@@ -169,36 +170,52 @@ def test_a_requeue_of_thousands_of_dead_rows_goes_at_the_rate_limit(clean, db_ur
     assert time.monotonic() - requeued <= allowed
 
 
-def test_a_floor_never_starts_below_old_due_rows(clean, db_url, sink, workers):
-    """An old retry far below the head belongs to the due path: a floor started below it would make every fresh
-    claim read all that was delivered since (115-164 ms a claim over 500,000 rows)."""
+def _index_entries_read(conn, statement: str) -> int:
+    """Index entries a statement read (live or dead, every index of the events' partitions), run and rolled back:
+    a count of what it visited, which no machine load can change."""
+    count = text("SELECT sum(pg_stat_get_xact_tuples_returned(i.indexrelid)) FROM pg_index AS i"
+                 " JOIN pg_inherits AS p ON p.inhrelid = i.indrelid WHERE p.inhparent = 'fp_outbox_events'::regclass")
+    before = conn.execute(count).scalar()
+    conn.execute(text(statement))
+    after = conn.execute(count).scalar()
+    conn.rollback()
+    return int(after - before)
+
+
+def test_old_due_retries_and_all_that_was_delivered_cost_a_fresh_claim_nothing(clean, db_url, sink, workers):
+    """An old retry waiting, behind 30,000 delivered events: the fresh claim reads the new events' index entries
+    only (the position is past everything delivered), and the old retry goes out by the due path. Before, a worker
+    whose floor started below such a retry read all that was delivered since on every claim."""
+    old = _enqueue(clean, 1, name="Old")
+    store = Store(clean, "me", 30.0)
+    rows, _ = store.claim_fresh(1, 1e6)
+    store.settle([Settled(rows[0], "retry", 503, "HTTP 503", 0.0)])  # a retry, due now
     with clean.begin() as conn:
-        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, attempts)"
-                          " VALUES ('old-retry', 'E', '{\"event\": \"E\", \"properties\": {\"distinct_id\": \"u\", \"time\": 1796000000}}',"
-                          "         'pending', 3)"))
-        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, delivered_at)"
-                          " SELECT g::text, 'E', '{}', 'delivered', now() FROM generate_series(1, :n) g"),
-                     {"n": 3 * FRESH_START_WINDOW})
-        head = conn.execute(text("SELECT max(id) FROM fp_outbox_events")).scalar()
-    assert Store(clean, "me", 30.0).first_floor() >= head - FRESH_START_WINDOW
+        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload)"
+                          " SELECT 'd' || g, 'E', '{}' FROM generate_series(1, 30000) g"))
+    while store.claim_fresh(1000, 1e6)[0]:
+        pass  # all claimed (as if delivered)
     fresh = _enqueue(clean, 20)
+    with clean.connect() as conn:
+        read = _index_entries_read(conn, "SELECT * FROM fp_outbox_claim_fresh('reader', 30, 25, false)")
+    assert read < 100, read  # the twenty new events and the ends of the index ranges; not 30,000
     worker = workers(db_url, sink.url, *FAST)
-    assert sink.wait_for(lambda s: _delivered(s, fresh + ["old-retry"]), 30), worker.output()
+    assert sink.wait_for(lambda s: _delivered(s, fresh + old), 30), worker.output()
 
 
 def test_a_due_path_that_keeps_failing_never_stops_the_fresh_path(clean, db_url, sink, workers):
     """A trigger (an application's audit trigger, say) refuses to touch rows that were tried before: every claim
     of the due path fails, the fresh path must go on; once it is dropped, the due rows go out too."""
-    with clean.begin() as conn:  # retries due in 2 s: the worker's floor starts above them (they are the due path's)
-        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, attempts, next_attempt_at)"
-                          " SELECT 'retry-' || g, 'E', json_build_object('event', 'E', 'properties',"
-                          "        json_build_object('distinct_id', 'u', '$insert_id', 'retry-' || g, 'time', 1796000000)), 1,"
-                          "        now() + interval '2 seconds'"
+    with clean.begin() as conn:  # retries, due at once
+        conn.execute(text("INSERT INTO fp_outbox_retries (id, insert_id, event_name, payload, created_at, attempts)"
+                          " SELECT -g, 'retry-' || g, 'E', json_build_object('event', 'E', 'properties',"
+                          "        json_build_object('distinct_id', 'u', '$insert_id', 'retry-' || g, 'time', 1796000000)),"
+                          "        now(), 1"
                           " FROM generate_series(1, 5) g"))
         conn.execute(text("CREATE FUNCTION fpo_no_retries() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-                          " IF OLD.attempts > 0 AND NEW.status = 'in_flight' THEN"
+                          " IF NEW.lease_owner IS NOT NULL THEN"
                           " RAISE EXCEPTION 'no retries today'; END IF; RETURN NEW; END $$"))
-        conn.execute(text("CREATE TRIGGER fpo_no_retries BEFORE UPDATE ON fp_outbox_events"
+        conn.execute(text("CREATE TRIGGER fpo_no_retries BEFORE UPDATE ON fp_outbox_retries"
                           " FOR EACH ROW EXECUTE FUNCTION fpo_no_retries()"))
     try:
         worker = workers(db_url, sink.url, *FAST)
@@ -208,7 +225,7 @@ def test_a_due_path_that_keeps_failing_never_stops_the_fresh_path(clean, db_url,
         assert worker.proc.poll() is None
     finally:
         with clean.begin() as conn:
-            conn.execute(text("DROP TRIGGER fpo_no_retries ON fp_outbox_events"))
+            conn.execute(text("DROP TRIGGER fpo_no_retries ON fp_outbox_retries"))
             conn.execute(text("DROP FUNCTION fpo_no_retries()"))
     retries = [f"retry-{n}" for n in range(1, 6)]
     assert sink.wait_for(lambda s: _delivered(s, retries), 60), worker.output()  # its backoff is at most 30 s

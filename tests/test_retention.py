@@ -1,72 +1,194 @@
-"""The worker's retention on a real table: it walks the primary key from where its last run stopped, so no
-mass of rows it must keep (old dead rows, old pending ones) can stall it; dead rows have a retention of
-their own; a run goes on while its batches are productive, so it keeps pace with heavy delivery."""
+"""Retention on the insert-only storage: a slot's partition is truncated once every event in it is claimed and
+settled and its newest is past --retain-delivered; an unclaimed event, an unsettled claim or a transaction still
+writing it keeps it (never blocking an enqueue longer than the lock timeout); dead letters and retries never hold
+it; the claims log is purged in id order past retention, never its latest fresh claim (the position); dead letters
+have a retention of their own; and nothing ever deletes from the event table."""
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import time
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import text
 
-from tests.conftest import status_of
-from worker.engine.retention import Retention
+from tests.conftest import REPO
+from tests.storage import (backdate_claim, claim_due, claim_fresh, dead_letter, enqueue, far_slot, settle_due,
+                           settle_fresh, states)
+from worker.engine.retention import Retention, purge_dead
+
+HOUR = timedelta(hours=1)
 
 
-def _rows(engine, count: int, status: str, age: str, created_age: str | None = None) -> None:
-    """`count` rows of `status` that reached it `age` ago, enqueued `created_age` (default: `age`) ago."""
-    column = {"delivered": "delivered_at", "dead": "dead_at"}.get(status)
-    with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, created_at"
-            + (f", {column}" if column else "") + ")"
-            " SELECT 'r' || g, 'E', '{}', :status, now() - CAST(:created AS interval)"
-            + (", now() - CAST(:age AS interval)" if column else "") + " FROM generate_series(1, :n) g"),
-            {"n": count, "status": status, "age": age, "created": created_age or age})
+@pytest.fixture
+def aged(clean):
+    """An empty outbox whose slot period has been in force for a month (as on a server that has run for a while)."""
+    with clean.begin() as conn:
+        conn.execute(text("UPDATE fp_outbox_slot_period SET since = now() - interval '30 days'"))
+    return clean
 
 
-def test_old_dead_rows_in_front_never_stall_the_delivered_ones_behind_them(clean):
-    """The issue's case: 100,000 old dead rows (kept: dead retention is 30 days) in front of 1,000 old
-    delivered ones. Starting at id 0 and looking at 100,000 rows a run, three runs deleted nothing."""
-    _rows(clean, 100_000, "dead", "10 days")
-    _rows(clean, 1_000, "delivered", "8 days")
-    retention = Retention(clean, timedelta(days=7), timedelta(days=30))
-    purged = [retention.run() for _ in range(3)]
-    assert sum(delivered for delivered, _ in purged) == 1_000
-    assert purged[0][0] + purged[1][0] == 1_000  # by the second run at the latest
-    assert status_of(clean) == {"dead": 100_000}
+def _delivered(engine, count: int, slot: int, ago: str = "2 hours") -> list[int]:
+    ids = enqueue(engine, count, slot=slot, created_ago=ago)
+    claim_id, claimed = claim_fresh(engine)
+    assert sorted(claimed) == sorted(ids)
+    settle_fresh(engine, claim_id, delivered=ids)
+    backdate_claim(engine, claim_id, ago)
+    return ids
 
 
-def test_dead_rows_have_a_retention_of_their_own(clean):
-    _rows(clean, 30, "dead", "40 days")
-    _rows(clean, 20, "dead", "10 days")
-    _rows(clean, 10, "delivered", "40 days")
-    assert Retention(clean, timedelta(days=7), timedelta(days=30)).run() == (10, 30)
-    assert status_of(clean) == {"dead": 20}
-    assert Retention(clean, timedelta(days=7), None).run() == (0, 0)  # --retain-dead off keeps them
+def _partition_rows(engine, slot: int) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text(f"SELECT count(*) FROM fp_outbox_events_s{slot:02d}")).scalar_one()
 
 
-def test_each_run_starts_where_the_last_one_may_find_something_new(clean):
-    _rows(clean, 5, "delivered", "8 days")
-    _rows(clean, 1, "pending", "20 days")  # an old event still being retried: it must be looked at again
-    _rows(clean, 50, "dead", "1 day")
-    _rows(clean, 40, "delivered", "1 day")
-    retention = Retention(clean, timedelta(days=7), timedelta(days=30), batch_size=10)
-    assert retention.run() == (5, 0)
-    with clean.begin() as conn:  # a week later, as it were: the pending one was delivered, the young ones aged
-        conn.execute(text("UPDATE fp_outbox_events SET status = 'delivered', delivered_at = now() - interval '1 day'"
-                          " WHERE status = 'pending'"))
-        conn.execute(text("UPDATE fp_outbox_events SET created_at = created_at - interval '7 days',"
-                          " delivered_at = delivered_at - interval '7 days', dead_at = dead_at - interval '7 days'"))
-    assert retention.run() == (41, 0)
-    assert status_of(clean) == {"dead": 50}
+def test_a_slot_of_old_claimed_and_settled_events_is_truncated(aged):
+    slot = far_slot(aged)
+    ids = _delivered(aged, 5, slot)
+    run = Retention(aged, HOUR, None).run()
+    assert set(run.truncated) == {slot} and run.kept == {}
+    assert _partition_rows(aged, slot) == 0 and not set(ids) & set(states(aged))
 
 
-def test_a_run_goes_on_while_its_batches_delete_and_stops_after_a_few_that_do_not(clean):
-    _rows(clean, 300, "delivered", "8 days")
-    _rows(clean, 300, "dead", "1 day", created_age="9 days")
-    _rows(clean, 100, "delivered", "8 days")
-    retention = Retention(clean, timedelta(days=7), timedelta(days=30), batch_size=10, idle_batches=5)
-    assert retention.run() == (300, 0)  # 30 productive batches, then 5 that delete nothing
-    assert retention.run() == (0, 0)  # five more
-    runs = [retention.run() for _ in range(20)]
-    assert sum(delivered for delivered, _ in runs) == 100  # it gets there; it never stalls
+def test_a_slot_with_an_unclaimed_event_is_kept_and_said_so_once(aged, caplog):
+    slot = far_slot(aged)
+    _delivered(aged, 3, slot)
+    enqueue(aged, 1, slot=slot)  # committed after the claim: past the position
+    caplog.set_level(logging.INFO, logger="fp_outbox.worker")
+    run = Retention(aged, HOUR, None).run()
+    assert run.truncated == {} and run.kept == {slot: "unclaimed"}
+    assert _partition_rows(aged, slot) == 4
+    kept = [r.fields for r in caplog.records if "kept past retention" in r.getMessage()]
+    assert len(kept) == 1 and kept[0][f"fp_outbox_events_s{slot:02d}"].startswith("unclaimed: ")
+
+
+def test_a_slot_listed_by_an_unsettled_claim_is_kept(aged):
+    slot = far_slot(aged)
+    ids = enqueue(aged, 4, slot=slot)
+    claim_id, _ = claim_fresh(aged)
+    settle_fresh(aged, claim_id, delivered=ids[:3])  # one event still in flight
+    assert Retention(aged, HOUR, None).run().kept == {slot: "unsettled"}
+    settle_fresh(aged, claim_id, delivered=ids[3:])
+    assert set(Retention(aged, HOUR, None).run().truncated) == {slot}
+
+
+def test_a_slot_still_written_by_an_open_transaction_is_busy_and_never_blocks_an_enqueue_for_long(aged):
+    slot = far_slot(aged)
+    _delivered(aged, 2, slot)
+    writer = aged.connect()
+    writer.begin()  # a transaction that began in that slot's period and is still enqueueing
+    writer.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, slot)"
+                        " VALUES ('late', 'E', '{}', :slot)"), {"slot": slot})
+    outcome, enqueued_in = {}, {}
+    run = threading.Thread(target=lambda: outcome.update(run=Retention(aged, HOUR, None).run()))
+    try:
+        run.start()
+        time.sleep(0.05)  # the truncate is queued for the partition's lock by now, or about to be
+        started = time.monotonic()
+        enqueue(aged, 1, slot=slot)  # another enqueue into the same partition queues behind it, briefly
+        enqueued_in["s"] = time.monotonic() - started
+        run.join(30)
+    finally:
+        writer.rollback()
+        writer.close()
+    assert not run.is_alive() and outcome["run"].kept == {slot: "busy"}
+    assert enqueued_in["s"] < 1.0, f"an enqueue waited {enqueued_in['s']:.2f} s behind retention"
+    assert _partition_rows(aged, slot) == 3
+
+
+def test_dead_letters_and_retries_never_hold_a_slot(aged):
+    slot = far_slot(aged)
+    ids = enqueue(aged, 3, slot=slot, created_ago="3 hours")
+    claim_id, _ = claim_fresh(aged)
+    settle_fresh(aged, claim_id, delivered=ids[:1], dead=ids[1:2], status=400, error="HTTP 400: bad")
+    settle_fresh(aged, claim_id, retry=ids[2:])
+    backdate_claim(aged, claim_id, "2 hours")
+    run = Retention(aged, HOUR, timedelta(days=30)).run()
+    assert set(run.truncated) == {slot} and run.dead == 0
+    assert states(aged) == {ids[1]: "dead", ids[2]: "pending"}  # their copies live on
+
+
+def test_the_current_and_young_slots_are_left_alone_silently(aged, caplog):
+    _delivered(aged, 2, far_slot(aged, 15))  # the slot just before: its period ended less than a period ago
+    enqueue(aged, 2)  # the current slot
+    caplog.set_level(logging.INFO, logger="fp_outbox.worker")
+    run = Retention(aged, timedelta(hours=13), None).run()  # the default period is 12 h
+    assert run.truncated == {} and run.kept == {}
+    assert not [r for r in caplog.records if "kept past retention" in r.getMessage()]
+
+
+def test_old_claims_rows_go_in_id_ordered_batches_but_never_the_latest_fresh_one(aged):
+    slot = far_slot(aged)
+    claims = []
+    for _ in range(7):
+        ids = enqueue(aged, 2, slot=slot)
+        claim_id, _ = claim_fresh(aged)
+        settle_fresh(aged, claim_id, delivered=ids)
+        claims.append(claim_id)
+    retry = enqueue(aged, 1, slot=slot)
+    fresh_id, _ = claim_fresh(aged)
+    settle_fresh(aged, fresh_id, retry=retry)
+    due_id = claim_due(aged, retry)
+    settle_due(aged, due_id, delivered=retry)
+    for claim_id in [*claims, fresh_id, due_id]:
+        backdate_claim(aged, claim_id, "2 hours")
+    with aged.begin() as conn:
+        conn.execute(text("UPDATE fp_outbox_retries SET delivered_at = now() - interval '2 hours'"))
+    young_id, _ = claim_fresh(aged)  # nothing to claim: no row; the latest fresh claim is still fresh_id
+    assert young_id is None
+    run = Retention(aged, HOUR, None, batch_size=3).run()
+    assert run.claims == 8 and run.retries == 1  # and the delivered retries row, kept for its history
+    with aged.connect() as conn:
+        left = conn.execute(text("SELECT id, kind FROM fp_outbox_claims")).all()
+    assert [tuple(row) for row in left] == [(fresh_id, "fresh")]  # the position stays
+
+
+def test_claims_past_retention_stay_while_unsettled(aged):
+    ids = enqueue(aged, 2, slot=far_slot(aged))
+    claim_id, _ = claim_fresh(aged)
+    settle_fresh(aged, claim_id, delivered=ids[:1])
+    later = enqueue(aged, 1)
+    latest, _ = claim_fresh(aged)
+    settle_fresh(aged, latest, delivered=later)
+    backdate_claim(aged, claim_id, "2 hours")
+    backdate_claim(aged, latest, "2 hours")
+    assert Retention(aged, HOUR, None).run().claims == 0
+
+
+def test_dead_letters_have_a_retention_of_their_own(aged):
+    for n in range(30):
+        dead_letter(aged, 1000 + n, dead_ago="40 days")
+    for n in range(20):
+        dead_letter(aged, 2000 + n, dead_ago="10 days")
+    assert Retention(aged, timedelta(days=7), timedelta(days=30), batch_size=7).run().dead == 30
+    assert Retention(aged, timedelta(days=7), None).run().dead == 0  # --retain-dead off keeps them
+    assert list(states(aged).values()) == ["dead"] * 20
+    assert purge_dead(aged, timedelta(days=5), batch_size=3, max_batches=2) == 6  # bounded per call
+
+
+def test_with_retention_delivered_off_nothing_of_the_delivered_goes(aged):
+    slot = far_slot(aged)
+    _delivered(aged, 2, slot)
+    assert Retention(aged, None, None).run().truncated == {}
+    assert _partition_rows(aged, slot) == 2
+
+
+def test_the_start_sets_the_slot_period_from_the_retention(aged):
+    retention = Retention(aged, timedelta(days=1), None)
+    assert retention.begin() == pytest.approx(86400 / 14)
+    with aged.connect() as conn:
+        period = conn.execute(text("SELECT period_s FROM fp_outbox_slot_period")).scalar_one()
+    assert period == pytest.approx(86400 / 14)
+    assert Retention(aged, None, None).begin() is None  # off: the period is left as it is
+    with aged.begin() as conn:  # put the default back for the other tests of this module
+        conn.execute(text("SELECT fp_outbox_set_slot_period(7 * 86400)"))
+
+
+def test_nothing_in_the_engine_deletes_from_the_event_table():
+    """Retention truncates whole partitions; a DELETE would leave dead tuples behind (the issue's churn)."""
+    engine_sql = "\n".join(path.read_text() for path in (REPO / "worker" / "engine").glob("*.py"))
+    assert not re.search(r"DELETE\s+FROM\s+fp_outbox_events\b(?!_)", engine_sql, re.I)
+    assert not re.search(r"UPDATE\s+fp_outbox_events\b(?!_)", engine_sql, re.I)

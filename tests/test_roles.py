@@ -82,11 +82,15 @@ def test_enqueue_and_a_worker_run_under_exactly_the_documented_grants(clean, db_
 @pytest.mark.parametrize("statement", [
     "SELECT payload FROM fp_outbox_events",
     "SELECT count(*) FROM fp_outbox_events",
-    "UPDATE fp_outbox_events SET status = 'dead'",
+    "UPDATE fp_outbox_events SET payload = '{}'",
     "DELETE FROM fp_outbox_events",
-    "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status) VALUES ('x', 'E', '{}', 'delivered')",
-    "INSERT INTO fp_outbox_events (insert_id, event_name, payload, next_attempt_at) VALUES ('x', 'E', '{}', now())",
+    "INSERT INTO fp_outbox_events (insert_id, event_name, payload, slot) VALUES ('x', 'E', '{}', 3)",
+    "INSERT INTO fp_outbox_events (insert_id, event_name, payload, created_at) VALUES ('x', 'E', '{}', now())",
+    "INSERT INTO fp_outbox_claims (kind, owner, lease_until, ids) VALUES ('fresh', 'x', now(), '{1}')",
+    "INSERT INTO fp_outbox_retries (id, insert_id, event_name, payload, created_at) VALUES (1, 'x', 'E', '{}', now())",
     "SELECT * FROM fp_outbox_dead",
+    "SELECT * FROM fp_outbox_event_states",
+    "DELETE FROM fp_outbox_dead_letters",
     "TRUNCATE fp_outbox_events",
 ])
 def test_the_applications_role_cannot_read_or_change_events(db_url, roles, statement):

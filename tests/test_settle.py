@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 import outbox
 from tests.conftest import TOKEN, status_of
 from tests.inprocess import drain, settings
-from worker.engine import Dead, Delivered, Worker
+from worker.engine import Dead, Delivered, Retry, Worker
 from worker.engine.outcomes import storable
 
 
@@ -27,7 +27,7 @@ def _enqueue(engine, names: list[str]) -> list[str]:
 
 def _rows(engine) -> dict[str, tuple]:
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT event_name, status, last_status, last_error FROM fp_outbox_events")).all()
+        rows = conn.execute(text("SELECT event_name, status, last_status, last_error FROM fp_outbox_event_states")).all()
     return {row.event_name: tuple(row)[1:] for row in rows}
 
 
@@ -68,29 +68,30 @@ def test_a_reason_with_a_lone_surrogate_is_stored_cleaned(clean, db_url):
     worker = Worker(settings(db_url, "http://127.0.0.1:9/track", "--drain"),
                     sender=Answers({"Odd": Dead("HTTP 400: caf\udce9 \x00", 400)}))
     drain(worker)
-    assert _rows(clean) == {"Odd": ("dead", 400, "HTTP 400: caf\ufffd \ufffd"), "Fine": ("delivered", 200, None)}
+    # A delivered event keeps no answer of its own (its claim's row in the log counts it); a dead one its reason.
+    assert _rows(clean) == {"Odd": ("dead", 400, "HTTP 400: caf\ufffd \ufffd"), "Fine": ("delivered", None, None)}
 
 
 @pytest.fixture
 def refuses_poison(clean):
-    """A trigger of the application's, say, that refuses to mark the event named Poison delivered."""
+    """A trigger of the application's, say, that refuses to record a retry of the event named Poison."""
     with clean.begin() as conn:
         conn.execute(text("""
             CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN RAISE EXCEPTION 'the application refuses this row'; END $$"""))
         conn.execute(text("""
-            CREATE TRIGGER refuse_poison BEFORE UPDATE ON fp_outbox_events FOR EACH ROW
-            WHEN (NEW.event_name = 'Poison' AND NEW.status = 'delivered') EXECUTE FUNCTION refuse_poison()"""))
+            CREATE TRIGGER refuse_poison BEFORE INSERT ON fp_outbox_retries FOR EACH ROW
+            WHEN (NEW.event_name = 'Poison') EXECUTE FUNCTION refuse_poison()"""))
     yield clean
     with clean.begin() as conn:
-        conn.execute(text("DROP TRIGGER refuse_poison ON fp_outbox_events"))
+        conn.execute(text("DROP TRIGGER refuse_poison ON fp_outbox_retries"))
         conn.execute(text("DROP FUNCTION refuse_poison()"))
 
 
 def test_a_refused_settle_settles_the_rest_and_dead_letters_what_cannot_be_stored(refuses_poison, db_url, caplog):
     _enqueue(refuses_poison, ["E"] * 10 + ["Poison"] + ["E"] * 10)
-    worker = Worker(settings(db_url, "http://127.0.0.1:9/track", "--drain", "--max-attempts", "1"),
-                    sender=Answers({}))
+    worker = Worker(settings(db_url, "http://127.0.0.1:9/track", "--drain", "--max-attempts", "5"),
+                    sender=Answers({"Poison": Retry("HTTP 503: try later", 503)}))
     with caplog.at_level(logging.WARNING, logger="fp_outbox.worker"):
         drain(worker)
     assert status_of(refuses_poison) == {"delivered": 20, "dead": 1}

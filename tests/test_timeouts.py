@@ -273,14 +273,14 @@ def test_the_cycles_statements_run_under_the_servers_limits_and_leave_none_behin
             session.commit()
         store = Store(engine, "me", 30.0)
         with clean.connect() as blocker:
-            blocker.execute(text("LOCK TABLE fp_outbox_events IN EXCLUSIVE MODE"))  # the claim must wait
+            blocker.execute(text("LOCK TABLE fp_outbox_claims IN EXCLUSIVE MODE"))  # the claim must wait
             started = time.monotonic()
             with pytest.raises(DatabaseUnavailable, match="statement timeout"):
-                store.claim_fresh(0, 10, 1e6)
+                store.claim_fresh(10, 1e6)
             waited = time.monotonic() - started
             blocker.rollback()
         assert 0.5 <= waited < CALL_DEADLINE, waited
-        assert len(store.claim_fresh(0, 10, 1e6)[0]) == 1  # the same pooled connection, still usable
+        assert len(store.claim_fresh(10, 1e6)[0]) == 1  # the same pooled connection, still usable
         raw = engine.raw_connection()
         try:
             left = raw.driver_connection.execute("SELECT current_setting('statement_timeout')").fetchone()[0]

@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import outbox
-from tests import inprocess
+from tests import inprocess, storage
 from tests.conftest import REPO, url_string, wait_until
 from worker.admin.report import figures
 from worker.admin.watch import WIDTH, Figures, frame
@@ -116,9 +115,8 @@ def test_the_live_view_in_an_80_column_terminal(busy, db_url, tmux, tmp_path):
     capture.write_text(first.rstrip("\n") + "\n")
     if os.environ.get("FP_OUTBOX_WATCH_CAPTURE"):
         Path(os.environ["FP_OUTBOX_WATCH_CAPTURE"]).write_text(capture.read_text())
-    with busy.begin() as conn:  # three more die while we watch: the next second's view shows them
-        conn.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, dead_at)"
-                          " SELECT 'x' || g, 'E', '{}', 'dead', now() FROM generate_series(1, 3) AS g"))
+    for id_ in (10**9, 10**9 + 1, 10**9 + 2):  # three more die while we watch: the next second's view shows them
+        storage.dead_letter(busy, id_)
     assert wait_until(lambda: re.search(r"dead +15$", screen.screen(), re.M), 5), screen.screen()
     started = time.monotonic()
     screen.keys("q")

@@ -80,7 +80,7 @@ def test_sigkill_mid_batch_then_another_worker_resends_with_same_insert_id(clean
     assert delivered == set(committed)
     assert seen_before <= delivered  # the killed batch was re-sent, with the same $insert_ids
     with clean.connect() as conn:
-        attempts = dict(conn.execute(text("SELECT insert_id, attempts FROM fp_outbox_events")).all())
+        attempts = dict(conn.execute(text("SELECT insert_id, attempts FROM fp_outbox_event_states")).all())
     assert all(attempts[i] == 2 for i in seen_before)  # one attempt by the dead worker, one by the next
 
 
@@ -90,7 +90,7 @@ def test_permanent_4xx_is_dead_at_once_with_status_and_excerpt(clean, db_url, si
     worker = workers(db_url, sink.url, "--drain", *FAST)
     assert worker.wait(60) == 0, worker.output()
     with clean.connect() as conn:
-        row = conn.execute(text("SELECT status, attempts, last_status, last_error FROM fp_outbox_events")).one()
+        row = conn.execute(text("SELECT status, attempts, last_status, last_error FROM fp_outbox_event_states")).one()
     assert (row.status, row.attempts, row.last_status) == ("dead", 1, 400)
     assert "price must be a number" in row.last_error and TOKEN not in row.last_error
     assert len(sink.received()) == 1  # never retried
@@ -136,13 +136,14 @@ def test_a_row_claimed_max_attempts_times_without_an_outcome_is_dead_and_never_s
             assert wait_until(lambda: hanging.stats()["requests"] == claims, 30), doomed.output()
             doomed.signal(signal.SIGKILL)
             assert doomed.wait(10) == -signal.SIGKILL
-            with clean.begin() as conn:  # its lease runs out now rather than in a minute
-                conn.execute(text("UPDATE fp_outbox_events SET lease_until = now(), next_attempt_at = now()"))
+            with clean.begin() as conn:  # its lease runs out now rather than in a minute (its claim's, or its retry's)
+                conn.execute(text("UPDATE fp_outbox_claims SET lease_until = now() WHERE settled_at IS NULL"))
+                conn.execute(text("UPDATE fp_outbox_retries SET lease_until = now(), next_attempt_at = now()"))
         last = workers(db_url, hanging.url, "--drain", *flags)
         assert last.wait(60) == 0, last.output()
         assert hanging.stats()["requests"] == 3  # never sent again
     with clean.connect() as conn:
-        row = conn.execute(text("SELECT status, attempts, last_error FROM fp_outbox_events")).one()
+        row = conn.execute(text("SELECT status, attempts, last_error FROM fp_outbox_event_states")).one()
     assert (row.status, row.attempts) == ("dead", 4)
     assert row.last_error.startswith("abandoned after 3 claims without a result"), row.last_error
 
@@ -153,7 +154,7 @@ def test_exhausted_attempts_become_dead_with_last_error(clean, db_url, sink, wor
     worker = workers(db_url, sink.url, "--drain", "--max-attempts", "2", *FAST)
     assert worker.wait(60) == 0, worker.output()
     with clean.connect() as conn:
-        row = conn.execute(text("SELECT status, attempts, last_status, last_error FROM fp_outbox_events")).one()
+        row = conn.execute(text("SELECT status, attempts, last_status, last_error FROM fp_outbox_event_states")).one()
     assert (row.status, row.attempts, row.last_status) == ("dead", 2, 502)
     assert row.last_error.startswith("gave up after 2 attempts")
 
@@ -164,7 +165,7 @@ def test_events_without_any_token_are_dead_with_a_reason(clean, db_url, sink, wo
     assert worker.wait(60) == 0, worker.output()
     assert sink.received() == []
     with clean.connect() as conn:
-        errors = conn.execute(text("SELECT last_error FROM fp_outbox_events WHERE status = 'dead'")).scalars().all()
+        errors = conn.execute(text("SELECT last_error FROM fp_outbox_event_states WHERE status = 'dead'")).scalars().all()
     assert len(errors) == 2 and all("FP_OUTBOX_TOKEN" in e for e in errors)
 
 

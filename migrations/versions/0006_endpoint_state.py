@@ -31,6 +31,19 @@ def upgrade() -> None:
             changed_at timestamptz NOT NULL DEFAULT now()
         )""")
     op.execute("INSERT INTO fp_outbox_endpoint (id) VALUES (1)")
+    # The roles that may settle events (the workers': UPDATE on the events) may read and change the state, so that
+    # workers keep running through the upgrade under the grants they had.
+    op.execute("""
+        DO $$
+        DECLARE r record;
+        BEGIN
+            FOR r IN SELECT DISTINCT a.grantee FROM pg_class AS c, aclexplode(c.relacl) AS a
+                      WHERE c.oid = 'fp_outbox_events'::regclass AND a.privilege_type = 'UPDATE'
+                        AND a.grantee <> c.relowner LOOP
+                EXECUTE format('GRANT SELECT, UPDATE ON fp_outbox_endpoint TO %s',
+                               CASE WHEN r.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(r.grantee)) END);
+            END LOOP;
+        END $$""")
 
 
 def downgrade() -> None:

@@ -1,6 +1,7 @@
 """`fp-outbox`: the operator's command. migrate and requeue/purge (worker.admin.changes), status, stuck and
-dead (worker.admin.report), systemd-unit (worker.admin.units); and the development tools' sink and demo,
-whose modules are loaded by name from worker.devtools, so that the operator's command never imports them."""
+dead (worker.admin.report), show (worker.admin.show), systemd-unit (worker.admin.units); and the development
+tools' sink and demo, whose modules are loaded by name from worker.devtools, so that the operator's command never
+imports them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Iterator
 
 from outbox.db import ConfigError
-from worker.admin import changes, report, units
+from worker.admin import changes, report, show, units
 from worker.admin.database import CommandError
 
 # The development tools' commands: the module (loaded by name, only for that command) and the help line.
@@ -49,6 +50,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     report.add_dead(commands)
     changes.add_requeue(commands)
     changes.add_purge(commands)
+    show.add_show(commands)
     units.add_systemd_unit(commands)
     for name, (module, help_text) in DEVTOOLS.items():
         tool = commands.add_parser(name, help=help_text)

@@ -10,14 +10,15 @@ from worker.engine.durations import DEFAULT_RETAIN_DELIVERED, format_duration, p
 from worker.engine.lifecycle import StartupError
 from worker.engine.loop import Worker
 from worker.engine.policy import Dead, Delivered, Outcome, Retry
-from worker.engine.retention import purge_dead, purge_delivered
+from worker.engine.retention import KEPT, Purged, preview_truncate, purge_dead, purge_delivered
 from worker.engine.settings import Settings, build_parser, from_args
-from worker.engine.store import (EXIT_READ_ONLY, Claimed, DatabaseReadOnly, DatabaseRefused, DatabaseUnavailable,
-                                 database_state, endpoint_state, oldest_transaction, queue_figures, status_counts,
+from worker.engine.store import (EXIT_NO_GRANT, EXIT_READ_ONLY, Claimed, DatabaseReadOnly, DatabaseRefused,
+                                 DatabaseUnavailable, database_state, endpoint_state, oldest_transaction, queue_figures, status_counts,
                                  translate, workers_connected)
 
 __all__ = [
-    "DEFAULT_RETAIN_DELIVERED", "EXIT_READ_ONLY", "Claimed", "DatabaseReadOnly", "DatabaseRefused", "DatabaseUnavailable", "Dead",
+    "DEFAULT_RETAIN_DELIVERED", "EXIT_NO_GRANT", "EXIT_READ_ONLY", "KEPT", "Claimed", "DatabaseReadOnly", "DatabaseRefused",
+    "DatabaseUnavailable", "Dead", "Purged", "preview_truncate",
     "Delivered", "Outcome",
     "Retry", "Settings", "StartupError", "Worker", "build_parser", "format_duration", "from_args", "logs",
     "database_state", "endpoint_state", "oldest_transaction", "parse_duration", "parse_retention", "purge_dead",

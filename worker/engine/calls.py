@@ -14,14 +14,12 @@ from worker.engine.tracing import OFF, Tracing
 # named here is timed as "other" and not traced.
 KINDS: dict[int, tuple[str, str]] = {
     id(queries.CLAIM_FRESH): ("claim", "fresh"),
-    id(queries.CLAIM_SWEEP): ("claim", "sweep"),
-    id(queries.MARK_DELIVERED): ("settle", "delivered"),
-    id(queries.SCHEDULE_RETRY): ("settle", "retry"),
-    id(queries.MARK_DEAD): ("settle", "dead"),
-    id(queries.RELEASE): ("release", "released"),
+    id(queries.CLAIM_DUE): ("claim", "due"),
+    id(queries.SETTLE_FRESH): ("settle", "fresh"),
+    id(queries.SETTLE_DUE): ("settle", "due"),
+    id(queries.RECOVER_EXPIRED): ("recover", "expired"),
     id(queries.ACQUIRE_PERMITS): ("rate_limit", "permits"),
     id(queries.PAUSE_ALL): ("rate_limit", "pause"),
-    id(queries.FIRST_FLOOR): ("floor", "first"),
     id(queries.ANY_UNFINISHED): ("drain_check", "unfinished"),
 }
 TRACED = ("claim", "settle")
@@ -56,8 +54,11 @@ class _Call:
     def returned(self, ran: Any) -> Any:
         """Note what the statement returned (`ran`, a Ran: its rows or row count) on the span; returns it."""
         if self._span is not None:
-            # a claim returns one row of nulls when it claimed nothing
-            self._span.rows(sum(getattr(row, "id", 0) is not None for row in ran.rows) if ran.rows else ran.rowcount)
+            # a claim returns one row of nulls when it claimed nothing; a settle one row: how many it still held
+            first = ran.rows[0] if ran.rows else None
+            held = getattr(first, "held", None)
+            self._span.rows(held if held is not None
+                            else sum(getattr(row, "id", None) is not None for row in ran.rows))
         return ran
 
     def __exit__(self, *exc: Any) -> None:

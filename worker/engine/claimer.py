@@ -1,25 +1,28 @@
-"""Claiming due rows and starting their sends: fresh rows above the worker's floor, everything else by the due
-path (worker.engine.paths); each claim also reserves its share of the shared rate budget (the permits,
-worker.engine.permits), in the same statement, and the rows it returns go to the pool at once (the 'start'
-step). While the endpoint is down (worker.engine.endpoint) a claim takes nothing but, when this worker holds
-the probe lease, one probe."""
+"""Claiming events and starting their sends: the next events past the shared position, or retries that are due
+(worker.engine.paths); each claim also reserves its share of the shared rate budget (the permits,
+worker.engine.permits), in the same statement, and the events it returns go to the pool at once (the 'start'
+step). While the endpoint is down (worker.engine.endpoint) a claim takes nothing but, when this worker holds the
+probe lease, one probe."""
 
 from __future__ import annotations
 
-import logging
 import time
 
 from worker.engine.endpoint import Endpoint
 from worker.engine.health import DatabaseHealth
 from worker.engine.inflight import InFlight
-from worker.engine.logs import event, log
 from worker.engine.paths import Paths
 from worker.engine.permits import Permits
-from worker.engine.policy import Dead
+from worker.engine.policy import Dead, Retry
 from worker.engine.services import StopSignal
 from worker.engine.settings import Settings
 from worker.engine.settler import Settler
 from worker.engine.store import Claimed, DatabaseUnavailable, Grant, Store
+
+RELEASED = "not sent: released when the worker stopped; due again at once"
+PAUSED = "not sent: every worker paused after a 429; due again at once"
+RESCHEDULED = "not sent: the shared rate schedule was put back to the clock; due again at once"
+
 
 class Claimer:
     """Claims up to a chunk of due rows whenever enough sending slots are free, and starts sending them."""
@@ -36,11 +39,6 @@ class Claimer:
         self._endpoint = endpoint
         self._claim_at_least = max(1, min(permits.chunk, settings.concurrency // 4))
         self.paths = Paths(store)
-
-    @property
-    def floor(self):
-        """The fresh path's floor (worker.engine.floor.Floor), None before the first claim."""
-        return self.paths.fresh.floor
 
     def claim_and_start(self) -> int:
         """Claim what is due and fits the free slots, and start sending it; returns how many rows were claimed."""
@@ -68,22 +66,21 @@ class Claimer:
         free = self._settings.concurrency - len(self._in_flight)
         return started >= self._permits.chunk and free >= self._claim_at_least
 
-    def release(self, rows: list[Claimed]) -> None:
-        """Hand claimed rows back, due at once; if the database is away, their leases bring them back."""
-        try:
-            self._store.release(rows)
-        except DatabaseUnavailable as exc:
-            event(log, logging.WARNING, "could not release rows; they return when their lease expires",
-                  count=len(rows), error=str(exc))
+    def release(self, rows: list[Claimed], why: str = RELEASED) -> None:
+        """Hand claimed events back, due at once, their attempt given back: settled like any outcome (a retry not
+        counted). If the database is away they stay to be settled later, or their leases bring them back."""
+        for row in rows:
+            self._settler.record(row, Retry(why, sent=False, counted=False))
+        self._settler.settle(force=True)
 
     def _start(self, rows: list[Claimed], grant: Grant, lease_ends: float) -> int:
         wait, slice_ends = grant.wait_s, self._permits.slice_ends(grant)
         if self._permits.runaway(grant):  # claimed again at once, on the schedule put right
-            self.release(rows)
+            self.release(rows, RESCHEDULED)
             return 0
         if wait > self._settings.lease.total_seconds() / 2:
             # A long global pause (after a 429): hand the rows back rather than sit on them.
-            self.release(rows)
+            self.release(rows, PAUSED)
             self._stopping.pause(wait - 1.0)
             return 0
         if self._permits.wait_out(wait, self._stopping):

@@ -8,15 +8,17 @@ import time
 from datetime import timedelta
 
 from sqlalchemy import Engine, inspect
+from sqlalchemy.exc import DBAPIError
 
-from outbox.schema import events
+from outbox.schema import SCHEMA_REVISION, events, schema_compat
+from worker.engine import queries
 from worker.engine.claimer import Claimer
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, first_line, log
 from worker.engine.services import StopSignal
 from worker.engine.settings import StopBudget
 from worker.engine.settler import Settler
-from worker.engine.store import EXIT_NO_SCHEMA, NO_TABLE, DatabaseRefused
+from worker.engine.store import EXIT_NO_SCHEMA, NO_TABLE, DatabaseRefused, translate
 from worker.engine.timeouts import CallDeadlines
 
 
@@ -32,6 +34,7 @@ def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: Stop
         try:
             with engine.connect() as conn:
                 has_table = inspect(conn).has_table(events.name)
+                has_compat = inspect(conn).has_table(schema_compat.name)
             break
         except Exception as exc:  # any failure to connect: keep trying until the deadline
             if time.monotonic() + delay > deadline or stopping.is_set():
@@ -45,6 +48,33 @@ def wait_for_database(engine: Engine, startup_timeout: timedelta, stopping: Stop
             delay = min(delay * 2, 5.0)
     if not has_table:
         raise DatabaseRefused(NO_TABLE, EXIT_NO_SCHEMA)
+    try:
+        with engine.connect() as conn:
+            revision = conn.execute(queries.SCHEMA_REVISION).scalar()
+            oldest = conn.execute(queries.OLDEST_WORKER_REVISION).scalar() if has_compat else None
+    except DBAPIError as exc:  # a missing grant, say: exit 4 naming it
+        translated = translate(exc)
+        raise translated if translated is not exc else exc from None
+    check_schema(revision, oldest)
+
+
+def check_schema(revision: str | None, oldest_worker_revision: str | None) -> None:
+    """This worker understands its own schema (outbox.schema.SCHEMA_REVISION). An older one needs `fp-outbox
+    migrate`; a newer one says which workers still work with it: this one keeps working, saying so once, or
+    stops (DatabaseRefused, exit 5) with one sentence."""
+    mine = SCHEMA_REVISION
+    if revision == mine:
+        return
+    if revision is None or revision < mine:
+        raise DatabaseRefused(f"the outbox schema is at revision {revision or 'none'} and this worker needs {mine}; "
+                              "run `fp-outbox migrate` of this release first", EXIT_NO_SCHEMA)
+    if oldest_worker_revision is not None and oldest_worker_revision <= mine:
+        event(log, logging.WARNING, "the outbox schema is newer than this worker knows, and stays compatible with "
+              "it: delivering; upgrade the workers when you can", schema=revision, worker_schema=mine)
+        return
+    raise DatabaseRefused(f"the outbox schema is at revision {revision}, newer than this worker understands ({mine}) "
+                          f"and no longer compatible with it (it needs workers of revision "
+                          f"{oldest_worker_revision} or later); upgrade fp-outbox on this host", EXIT_NO_SCHEMA)
 
 
 # Seconds a stop waits for the requests being written when the gate closes (they take microseconds unless a

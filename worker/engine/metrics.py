@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
 from sqlalchemy import Engine
 
-from worker.engine.queries import OLDEST_TRANSACTION, QUEUE_DEPTH, WORKERS_CONNECTED
+from worker.engine.figures import queue_depth
+from worker.engine.queries import OLDEST_TRANSACTION, WORKERS_CONNECTED
 
 #: The reason label's whole vocabulary, so a free-text error can never create a new time series.
 REASONS = ("http_4xx", "http_5xx", "http_429", "http_3xx", "timeout", "connection", "exhausted", "no_token",
@@ -29,7 +30,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # One database call: a claim or settle takes about a millisecond; the worker's own deadline cuts one at 7 s.
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5)
 #: The `call` label's vocabulary (worker.engine.calls names each statement with one of these).
-CALLS = ("claim", "settle", "release", "rate_limit", "floor", "drain_check", "gauges", "other")
+CALLS = ("claim", "settle", "recover", "rate_limit", "drain_check", "gauges", "other")
 
 def reason_label(reason: str | None, status: int | None = None) -> str:
     """Map an outcome's reason text and HTTP status to one of REASONS (pure; table-tested)."""
@@ -145,7 +146,7 @@ class Metrics:
         """Read the queue figures from the database into the gauges (short statements); returns them."""
         started = time.perf_counter()
         with engine.connect() as conn:
-            row = dict(conn.execute(QUEUE_DEPTH).mappings().one())
+            row = queue_depth(conn)
             holding = conn.execute(OLDEST_TRANSACTION).mappings().first()
             self.workers_connected.set(conn.execute(WORKERS_CONNECTED).scalar_one())
         self.observe_database_call("gauges", time.perf_counter() - started)

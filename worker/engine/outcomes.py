@@ -1,15 +1,16 @@
-"""Writing outcomes to the table: one statement per kind (delivered, retry later, dead), each touching only
-rows this worker still holds; and when the database refuses a statement for what it carries (not a lost
-connection), row by row, dead-lettering with a reason it can store whatever it refuses, so that nothing an
-endpoint answers can crash the worker or leave a batch in flight to be re-claimed and refused again."""
+"""Writing outcomes: one statement for the fresh claims' outcomes and one for the due claims', each touching only
+what this worker still holds (worker.engine.queries SETTLE_*); and when the database refuses a statement for
+what it carries (not a lost connection), row by row, dead-lettering with a reason it can store whatever it
+refuses, so that nothing an endpoint answers can crash the worker or leave a claim to expire and be refused
+again."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from worker.engine.policy import Dead, Delivered, Outcome, Retry, without_surrogates
 from worker.engine.settings import Settings
-from worker.engine.store import Claimed, DatabaseUnavailable, StatementRefused, Store
+from worker.engine.store import Claimed, DatabaseUnavailable, Settled, StatementRefused, Store
 
 REPLACEMENT = "\ufffd"
 
@@ -18,16 +19,6 @@ def storable(text: str) -> str:
     """`text` as PostgreSQL can store it: NUL characters and lone surrogates (which UTF-8 cannot encode)
     replaced by U+FFFD."""
     return without_surrogates(text.replace("\x00", REPLACEMENT))
-
-
-@dataclass
-class Batch:
-    """The outcomes of one kind, as one statement settles them."""
-
-    kind: str  # "delivered", "retry" or "dead"
-    rows: list[Claimed] = field(default_factory=list)
-    outcomes: list[Outcome] = field(default_factory=list)
-    delays: list[float] = field(default_factory=list)  # retry only: seconds until the next attempt
 
 
 @dataclass
@@ -40,76 +31,49 @@ class Written:
 
 
 class Unwritten(DatabaseUnavailable):
-    """The database went away part-way: `done` batches were written (`written` says how), `outcomes` are the
-    ones not yet written, to settle again later."""
+    """The database went away: `outcomes` are the ones not written, to settle again later."""
 
-    def __init__(self, cause: DatabaseUnavailable, done: list[Batch], written: Written,
-                 outcomes: list[tuple[Claimed, Outcome]]) -> None:
+    def __init__(self, cause: DatabaseUnavailable, outcomes: list[tuple[Claimed, Outcome]]) -> None:
         super().__init__(str(cause))
-        self.done, self.written, self.outcomes = done, written, outcomes
+        self.outcomes = outcomes
 
 
-def split_outcomes(outcomes: list[tuple[Claimed, Outcome]], settings: Settings) -> list[Batch]:
-    """Sort outcomes into the three settle statements; exhausted retries become dead. A retry made while the
-    endpoint was down (not `counted`) gives its attempt back and is due at once: it never dies of an outage."""
-    delivered, retry, dead = Batch("delivered"), Batch("retry"), Batch("dead")
-    for row, outcome in outcomes:
-        if isinstance(outcome, Retry) and outcome.counted and settings.backoff.exhausted(row.attempts):
-            outcome = Dead(f"gave up after {row.attempts} attempts: {outcome.reason}", outcome.status)
-        batch = delivered if isinstance(outcome, Delivered) else retry if isinstance(outcome, Retry) else dead
-        batch.rows.append(row)
-        batch.outcomes.append(outcome)
-        if batch is retry:
-            retry.delays.append(settings.backoff.delay(row.attempts, outcome.retry_after) if outcome.counted else 0.0)
-    return [delivered, retry, dead]
+def settled(row: Claimed, outcome: Outcome, settings: Settings) -> Settled:
+    """What settling writes for one outcome: exhausted retries become dead; a retry made while the endpoint was
+    down (not `counted`) gives its attempt back and is due at once, so it never dies of an outage."""
+    if isinstance(outcome, Delivered):
+        return Settled(row, "delivered", outcome.status)
+    if isinstance(outcome, Retry) and outcome.counted and settings.backoff.exhausted(row.attempts):
+        outcome = Dead(f"gave up after {row.attempts} attempts: {outcome.reason}", outcome.status)
+    if isinstance(outcome, Dead):
+        return Settled(row, "dead", outcome.status, storable(outcome.reason))
+    delay = settings.backoff.delay(row.attempts, outcome.retry_after) if outcome.counted else 0.0
+    return Settled(row, "retry", outcome.status, storable(outcome.reason), delay, outcome.counted)
 
 
-def write(store: Store, batches: list[Batch]) -> Written:
-    """Settle every batch; raises Unwritten (with what is left) if the database goes away part-way."""
+def write(store: Store, outcomes: list[tuple[Claimed, Outcome]], settings: Settings) -> tuple[list[Settled], Written]:
+    """Settle every outcome; returns what was written and how. Raises Unwritten if the database goes away."""
+    batch = [settled(row, outcome, settings) for row, outcome in outcomes]
     written = Written()
-    for index, batch in enumerate(batches):
-        try:
-            _write_batch(store, batch, written)
-        except DatabaseUnavailable as exc:
-            left = [(row, outcome) for later in batches[index:] for row, outcome in zip(later.rows, later.outcomes)]
-            raise Unwritten(exc, batches[:index], written, left) from exc
-    return written
-
-
-def _write_batch(store: Store, batch: Batch, written: Written) -> None:
     try:
-        written.held += _settle(store, batch)
-        return
-    except StatementRefused:
-        pass  # something in it the database refuses: find which rows, one at a time
-    for single in _singles(batch):
         try:
-            written.held += _settle(store, single)
-        except StatementRefused as exc:
-            _dead_letter(store, single, str(exc), written)
+            written.held = store.settle(batch)
+        except StatementRefused:  # something in it the database refuses: find which, one at a time
+            for one in batch:
+                _write_one(store, one, written)
+    except DatabaseUnavailable as exc:
+        raise Unwritten(exc, outcomes) from exc
+    return batch, written
 
 
-def _dead_letter(store: Store, single: Batch, error: str, written: Written) -> None:
-    row, outcome = single.rows[0], single.outcomes[0]
-    reason = (f"could not record the outcome ({single.kind}, HTTP {outcome.status or '-'}): "
-              f"{error}").encode("ascii", "replace").decode("ascii")  # a reason any database can store
+def _write_one(store: Store, one: Settled, written: Written) -> None:
     try:
-        written.held += store.mark_dead([row], [outcome.status], [reason[:500]])
-        written.dead_lettered.append((row.id, error))
-    except StatementRefused as exc:  # not even that: its lease brings it back, and it is logged
-        written.unstorable.append((row.id, str(exc)))
-
-
-def _singles(batch: Batch) -> list[Batch]:
-    return [Batch(batch.kind, [row], [outcome], batch.delays[i:i + 1])
-            for i, (row, outcome) in enumerate(zip(batch.rows, batch.outcomes))]
-
-
-def _settle(store: Store, batch: Batch) -> int:
-    statuses = [outcome.status for outcome in batch.outcomes]
-    if batch.kind == "delivered":
-        return store.mark_delivered(batch.rows, statuses)
-    reasons = [storable(outcome.reason) for outcome in batch.outcomes]
-    if batch.kind == "retry":
-        return store.schedule_retry(batch.rows, batch.delays, statuses, reasons, [o.counted for o in batch.outcomes])
-    return store.mark_dead(batch.rows, statuses, reasons)
+        written.held += store.settle([one])
+    except StatementRefused as exc:
+        reason = (f"could not record the outcome ({one.kind}, HTTP {one.status or '-'}): "
+                  f"{exc}").encode("ascii", "replace").decode("ascii")  # a reason any database can store
+        try:
+            written.held += store.settle([replace(one, kind="dead", error=reason[:500])])
+            written.dead_lettered.append((one.row.id, str(exc)))
+        except StatementRefused as again:  # not even that: its lease brings it back, and it is logged
+            written.unstorable.append((one.row.id, str(again)))

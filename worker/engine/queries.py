@@ -1,151 +1,221 @@
-"""Every SQL statement of the queue cycle (claim, settle, release, the rate limiter, the drain check) and of the
-engine's side services (retention, queue gauges, status counts), named, each with why it is shaped so."""
+"""Every SQL statement of the queue cycle (claim, settle, the expired claims' recovery, the rate limiter, the drain
+check, the endpoint's state) and of the engine's side services (retention, queue gauges, status counts), named,
+each with why it is shaped so. The storage they work on is migration 0007's (see outbox.schema)."""
 
 from sqlalchemy import text
 
-# Claiming takes one statement, whichever rows it picks (the `due` part below): it locks them (SKIP LOCKED,
-# so any number of workers claim side by side), leases them, counts the attempt, and reserves their slice
-# of the shared rate budget (fp_outbox_take_permits: the advisory lock it takes is held only from here to
-# the commit). It returns the stored payload text and the insert_id column: the worker fills in the token in
-# Python (worker.engine.payload), so the token is never a parameter of any statement. With each row come its
-# created_at (epoch seconds: the commit-to-delivery latency metric) and the trace context it was enqueued in
-# (the delivery span links to it). It also returns what the statement's snapshot saw, for the floor of the
-# fresh path: the oldest running transaction id (xmin), the next to be assigned (xmax) and the highest visible
-# id (head). One row comes back even when nothing was claimed (with null row columns), so the snapshot is
-# always read, and with it the endpoint's state: while the endpoint is down (fp_outbox_endpoint) no claim takes
-# anything but the probe (`probe`, one row).
-_CLAIM = """
-    WITH due AS ({due}),
-    claimed AS (
-        UPDATE fp_outbox_events AS e
-           SET status = 'in_flight',
-               attempts = e.attempts + 1,
-               lease_owner = :owner,
-               lease_until = now() + make_interval(secs => :lease_s),
-               next_attempt_at = now() + make_interval(secs => :lease_s)
-          FROM due
-         WHERE e.id = due.id
-     RETURNING e.id, e.attempts, e.insert_id, e.payload::text AS payload,
-               extract(epoch FROM e.created_at)::float8 AS created_at, e.trace_context),
+# Each statement of the cycle opens with a comment naming it, which pg_stat_activity shows first (its text is cut
+# at track_activity_query_size): an operator, or a test, sees which statement a backend is in.
+# Every claim returns, beside its rows, the endpoint's state (fp_outbox_endpoint: while it is down no claim takes
+# anything but the probe, `probe`, one row) and the rows' slice of the shared rate budget (fp_outbox_take_permits,
+# whose advisory lock is held from here to the commit). One row comes back even when nothing was claimed (with
+# null row columns), so the state is always read. Rows carry the stored payload text and the insert_id column: the
+# worker fills in the token in Python (worker.engine.payload), so the token is never a parameter of any statement.
+_CLAIMED = """
+    {claim},
     granted AS (  -- in the select list, so an empty claim never calls it (nor waits for its lock)
         SELECT fp_outbox_take_permits(c.n / CAST(:rate AS float8)) AS starts_at
           FROM (SELECT count(*) AS n FROM claimed) AS c
          WHERE c.n > 0)
-    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin,
-           pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax,
-           (SELECT max(id) FROM fp_outbox_events) AS head,
-           (SELECT down_since IS NOT NULL FROM fp_outbox_endpoint) AS endpoint_down,
+    SELECT (SELECT down_since IS NOT NULL FROM fp_outbox_endpoint) AS endpoint_down,
            extract(epoch FROM g.starts_at)::float8 AS starts_at,
            extract(epoch FROM g.starts_at - clock_timestamp())::float8 AS wait_s,
-           c.id, c.attempts, c.insert_id, c.payload, c.created_at, c.trace_context
+           c.claim_id, c.id, c.txid, c.attempts, c.insert_id, c.payload,
+           extract(epoch FROM c.created_at)::float8 AS created_at, c.trace_context
       FROM (SELECT 1) AS one
       LEFT JOIN granted AS g ON true
       LEFT JOIN claimed AS c ON true
      ORDER BY c.id
 """
 
-# The fresh path, nearly every claim: rows above this worker's floor (worker.engine.floor), in id order,
-# from the primary key. Everything below the floor has been claimed, settled or left to the sweep, so the
-# dead versions that claims and settles leave behind sit below it and are never visited: the claim stays
-# flat while some other transaction holds back vacuum. The status test sits inside a CASE, for two reasons
-# (tests guard the plan): the planner cannot match it to the due index's predicate (a bitmap over that index
-# reads every dead entry a held-back vacuum left in it), and it cannot estimate it from the column's
-# statistics, which describe the whole table (mostly delivered, or nothing at all before the first ANALYZE)
-# when above the floor nearly every row is pending: with such an estimate it chose to read and sort the
-# whole backlog above the floor on every claim (2.3 ms for 25 rows of a 20,000 backlog instead of 0.2).
-# clock_timestamp(), not now(): a row committed after this transaction began but before its snapshot is due
-# too, or the floor could pass it.
-CLAIM_FRESH = text(_CLAIM.format(due="""
-        SELECT id FROM fp_outbox_events
-         WHERE id > :floor AND CASE WHEN status = 'pending' THEN next_attempt_at <= clock_timestamp() END
-           AND (CAST(:probe AS boolean) OR NOT EXISTS (SELECT 1 FROM fp_outbox_endpoint WHERE down_since IS NOT NULL))
-         ORDER BY id
-         LIMIT :limit
-           FOR UPDATE SKIP LOCKED"""))
+# The fresh path, nearly every claim: the next events past the shared position, in (txid, id) order, from the
+# events' primary key (fp_outbox_claim_fresh, migration 0007: PgQ's snapshot windows, so an event whose
+# transaction commits late is claimed by the first window that sees it committed, and one that rolls back by
+# none). The position is read and the claims row written under an advisory lock: one fresh claim at a time, for
+# all workers, each a millisecond or so. Insert-only storage: no dead version is ever in its way.
+CLAIM_FRESH = text(_CLAIMED.format(claim="""
+    /* fp-outbox claim fresh */
+    WITH claimed AS (
+        SELECT f.claim_id, f.id, f.txid::text AS txid, 1 AS attempts, f.insert_id, f.payload, f.created_at,
+               f.trace_context
+          FROM fp_outbox_claim_fresh(:owner, CAST(:lease_s AS float8), CAST(:limit AS integer),
+                                     CAST(:probe AS boolean)) AS f)"""))
 
-# The sweep, every second or so (worker.engine.floor.Sweeps): everything due, from the partial index of
-# pending and in-flight rows, oldest due first: retries whose time came, rows whose lease expired (their
-# worker died), released rows, rows of a claim that rolled back, and the rare late commit the floor passed.
-CLAIM_SWEEP = text(_CLAIM.format(due="""
-        SELECT id FROM fp_outbox_events
-         WHERE status IN ('pending', 'in_flight') AND next_attempt_at <= now()
+# The due path: retries whose time came (failed attempts, expired leases, released and requeued events), oldest
+# due first, from the retries' own index; leased per row (their lease is next_attempt_at, so an expired one is
+# due again), and logged as one claims row.
+CLAIM_DUE = text(_CLAIMED.format(claim="""
+    /* fp-outbox claim due */
+    WITH due AS (
+        SELECT id FROM fp_outbox_retries
+         WHERE next_attempt_at <= now()
            AND (CAST(:probe AS boolean) OR NOT EXISTS (SELECT 1 FROM fp_outbox_endpoint WHERE down_since IS NOT NULL))
          ORDER BY next_attempt_at
          LIMIT :limit
-           FOR UPDATE SKIP LOCKED"""))
+           FOR UPDATE SKIP LOCKED),
+    leased AS (
+        UPDATE fp_outbox_retries AS r
+           SET attempts = r.attempts + 1, lease_owner = :owner,
+               lease_until = now() + make_interval(secs => :lease_s),
+               next_attempt_at = now() + make_interval(secs => :lease_s)
+          FROM due
+         WHERE r.id = due.id
+     RETURNING r.id, r.attempts, r.insert_id, r.payload::text AS payload, r.created_at, r.trace_context),
+    logged AS (
+        INSERT INTO fp_outbox_claims (kind, owner, lease_until, ids)
+        SELECT 'due', :owner, now() + make_interval(secs => :lease_s), array_agg(id ORDER BY id)
+          FROM leased HAVING count(*) > 0
+     RETURNING id),
+    claimed AS (
+        SELECT (SELECT id FROM logged) AS claim_id, l.id, NULL::text AS txid, l.attempts, l.insert_id, l.payload,
+               l.created_at, l.trace_context
+          FROM leased AS l)"""))
 
-# Where a worker's floor starts: just below the oldest due pending row among the newest `window` ids, else at
-# the head. Due rows further back belong to the due path: a floor started below them would make every fresh
-# claim read all that was delivered since (115-164 ms a claim with 500,000 rows in between, past the statement
-# timeout at some 15 million). Reads at most `window` rows of the primary key.
-FIRST_FLOOR = text(
+# Claims whose lease expired (their worker died or hung): settled as expired, and the events of a fresh one that
+# were not done become retries, due now, their claim counted as an attempt. A due claim's retries come back by
+# their own lease. Run by the due path of any worker before it claims.
+RECOVER_EXPIRED = text(
     """
-    SELECT coalesce((SELECT min(id) - 1 FROM fp_outbox_events
-                      WHERE id > (SELECT coalesce(max(id), 0) FROM fp_outbox_events) - :window
-                        AND status = 'pending' AND next_attempt_at <= now()),
-                    (SELECT max(id) FROM fp_outbox_events), 0) AS floor
+    /* fp-outbox recover expired */
+    WITH expired AS (
+        SELECT id, kind, ids, txids, done FROM fp_outbox_claims
+         WHERE settled_at IS NULL AND lease_until < now()
+         ORDER BY lease_until
+         LIMIT :limit
+           FOR UPDATE SKIP LOCKED),
+    marked AS (
+        UPDATE fp_outbox_claims AS c SET settled_at = now(), expired = true FROM expired AS x WHERE c.id = x.id
+     RETURNING c.id),
+    lost AS (
+        SELECT u.id, u.txid FROM expired AS x, unnest(x.ids, x.txids) AS u(id, txid)
+         WHERE x.kind = 'fresh' AND u.id <> ALL (x.done)),
+    moved AS (
+        INSERT INTO fp_outbox_retries (id, insert_id, event_name, payload, created_at, trace_context, attempts,
+                                       next_attempt_at, last_error)
+        SELECT e.id, e.insert_id, e.event_name, e.payload, e.created_at, e.trace_context, 1, now(), :reason
+          FROM lost AS l JOIN fp_outbox_events AS e ON e.txid = l.txid AND e.id = l.id
+            ON CONFLICT (id) DO NOTHING
+     RETURNING 1)
+    SELECT (SELECT count(*) FROM marked) AS claims, (SELECT count(*) FROM moved) AS events
     """
 )
 
-# Settling only touches the claims this worker still holds: the owner and the status say the row is still
-# leased to this worker, and the attempt count says it is the same claim (each claim counts one). A row whose
-# lease expired and was claimed again, by another worker or by this one, is that claim's to settle: the
-# late outcome of the earlier claim matches nothing.
-MARK_DELIVERED = text(
-    """
-    UPDATE fp_outbox_events AS e
-       SET status = 'delivered', delivered_at = now(), lease_owner = NULL, lease_until = NULL,
-           last_status = u.http_status, last_error = NULL
-      FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), CAST(:statuses AS smallint[]))
-           AS u(id, attempts, http_status)
-     WHERE e.id = u.id AND e.attempts = u.attempts AND e.lease_owner = :owner AND e.status = 'in_flight'
+# What one settle writes to the claims log, for the claims it still holds: the ids done, the count delivered, and
+# each failed attempt's answer; settled once every id is done. `u` holds the outcomes (see SETTLE_*).
+_LOG_OUTCOMES = """
+    logged AS (
+        UPDATE fp_outbox_claims AS c
+           SET done = c.done || g.ids, delivered = c.delivered + g.delivered,
+               failed_ids = c.failed_ids || g.failed_ids, failed_statuses = c.failed_statuses || g.failed_statuses,
+               failed_errors = c.failed_errors || g.failed_errors,
+               settled_at = CASE WHEN cardinality(c.done) + cardinality(g.ids) >= cardinality(c.ids) THEN now() END
+          FROM (SELECT claim_id, array_agg(id) AS ids, count(*) FILTER (WHERE kind = 'delivered') AS delivered,
+                       coalesce(array_agg(id) FILTER (WHERE kind <> 'delivered'), '{}') AS failed_ids,
+                       coalesce(array_agg(status) FILTER (WHERE kind <> 'delivered'), '{}') AS failed_statuses,
+                       coalesce(array_agg(error) FILTER (WHERE kind <> 'delivered'), '{}') AS failed_errors
+                  FROM held_outcomes GROUP BY claim_id) AS g
+         WHERE c.id = g.claim_id
+     RETURNING c.id)"""
+
+_OUTCOMES = """
+    u AS (
+        SELECT * FROM unnest(CAST(:claim_ids AS bigint[]), CAST(:ids AS bigint[]), CAST(:txids AS xid8[]),
+                             CAST(:attempts AS integer[]), CAST(:kinds AS text[]), CAST(:statuses AS smallint[]),
+                             CAST(:errors AS text[]), CAST(:delays AS float8[]), CAST(:counted AS boolean[]))
+               AS u(claim_id, id, txid, attempt, kind, status, error, delay_s, counted))"""
+
+# Settling a fresh claim: only a claim this worker still holds (its owner, not settled: a claim whose lease expired
+# was settled as expired, and its events went to the retries). Delivered events cost the log's row and nothing
+# else; a failed one becomes a retries row (attempts 1, or 0 when not counted: an outage, a release at shutdown),
+# a dead one a dead letter, both copied from the event's row in SQL (never the payload as a parameter).
+SETTLE_FRESH = text(
+    f"""
+    /* fp-outbox settle fresh */
+    WITH {_OUTCOMES},
+    held_claims AS (
+        SELECT id, done FROM fp_outbox_claims
+         WHERE id IN (SELECT claim_id FROM u) AND owner = :owner AND kind = 'fresh' AND settled_at IS NULL
+           FOR UPDATE),
+    held_outcomes AS (  -- not done yet: settling the same outcome again (a retry after a lost reply) changes nothing
+        SELECT u.* FROM u JOIN held_claims AS c ON c.id = u.claim_id WHERE u.id <> ALL (c.done)),
+    {_LOG_OUTCOMES},
+    retried AS (
+        INSERT INTO fp_outbox_retries (id, insert_id, event_name, payload, created_at, trace_context, attempts,
+                                       next_attempt_at, last_status, last_error)
+        SELECT e.id, e.insert_id, e.event_name, e.payload, e.created_at, e.trace_context,
+               CASE WHEN h.counted THEN 1 ELSE 0 END, now() + make_interval(secs => h.delay_s), h.status, h.error
+          FROM held_outcomes AS h JOIN fp_outbox_events AS e ON e.txid = h.txid AND e.id = h.id
+         WHERE h.kind = 'retry'
+            ON CONFLICT (id) DO NOTHING
+     RETURNING 1),
+    died AS (
+        INSERT INTO fp_outbox_dead_letters (id, insert_id, event_name, payload, created_at, trace_context, attempts,
+                                            last_status, last_error)
+        SELECT e.id, e.insert_id, e.event_name, e.payload, e.created_at, e.trace_context, 1, h.status, h.error
+          FROM held_outcomes AS h JOIN fp_outbox_events AS e ON e.txid = h.txid AND e.id = h.id
+         WHERE h.kind = 'dead'
+            ON CONFLICT (id) DO NOTHING
+     RETURNING 1)
+    SELECT count(*) AS held FROM held_outcomes
     """
 )
 
-# Back to pending with the durable backoff computed by the worker; the delay travels as seconds
-# so the database clock (shared by every worker) sets the time. An attempt made while the endpoint was down
-# is not `counted`: the claim's count is given back (worker.engine.endpoint).
-SCHEDULE_RETRY = text(
-    """
-    UPDATE fp_outbox_events AS e
-       SET status = 'pending', lease_owner = NULL, lease_until = NULL,
-           next_attempt_at = now() + make_interval(secs => u.delay_s),
-           attempts = CASE WHEN u.counted THEN e.attempts ELSE greatest(e.attempts - 1, 0) END,
-           last_status = u.http_status, last_error = u.error
-      FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), CAST(:delays AS float8[]),
-                  CAST(:statuses AS smallint[]), CAST(:errors AS text[]), CAST(:counted AS boolean[]))
-           AS u(id, attempts, delay_s, http_status, error, counted)
-     WHERE e.id = u.id AND e.attempts = u.attempts AND e.lease_owner = :owner AND e.status = 'in_flight'
+# Settling due claims: only retries rows this worker still holds, leased by this claim (owner and attempt:
+# an outcome of an earlier claim of the same row never applies). Delivered: the row stays, delivered; retry: back to waiting
+# with the durable backoff (an attempt not counted is given back); dead: moved to the dead letters.
+SETTLE_DUE = text(
+    f"""
+    /* fp-outbox settle due */
+    WITH {_OUTCOMES},
+    held AS (
+        SELECT r.id FROM fp_outbox_retries AS r JOIN u ON u.id = r.id
+         WHERE r.lease_owner = :owner AND r.attempts = u.attempt
+           FOR UPDATE OF r),
+    held_outcomes AS (SELECT * FROM u WHERE id IN (SELECT id FROM held)),
+    {_LOG_OUTCOMES},
+    delivered AS (  -- kept for its history (attempts, answers) until retention, out of every due claim's way
+        UPDATE fp_outbox_retries AS r
+           SET delivered_at = now(), lease_owner = NULL, lease_until = NULL, next_attempt_at = 'infinity',
+               last_status = h.status, last_error = NULL
+          FROM held_outcomes AS h
+         WHERE r.id = h.id AND h.kind = 'delivered'
+     RETURNING r.id),
+    retried AS (
+        UPDATE fp_outbox_retries AS r
+           SET lease_owner = NULL, lease_until = NULL, next_attempt_at = now() + make_interval(secs => h.delay_s),
+               attempts = CASE WHEN h.counted THEN r.attempts ELSE greatest(r.attempts - 1, 0) END,
+               last_status = h.status, last_error = h.error
+          FROM held_outcomes AS h
+         WHERE r.id = h.id AND h.kind = 'retry'
+     RETURNING r.id),
+    gone AS (
+        DELETE FROM fp_outbox_retries AS r USING held_outcomes AS h
+         WHERE r.id = h.id AND h.kind = 'dead'
+     RETURNING r.id, r.insert_id, r.event_name, r.payload, r.created_at, r.trace_context, r.attempts, h.status,
+               h.error),
+    died AS (
+        INSERT INTO fp_outbox_dead_letters (id, insert_id, event_name, payload, created_at, trace_context, attempts,
+                                            last_status, last_error)
+        SELECT id, insert_id, event_name, payload, created_at, trace_context, attempts, status, error FROM gone
+            ON CONFLICT (id) DO NOTHING
+     RETURNING 1)
+    SELECT count(*) AS held FROM held_outcomes
     """
 )
 
-# Dead rows leave the partial index, so they cost the claim nothing; the reason stays for operators.
-MARK_DEAD = text(
-    """
-    UPDATE fp_outbox_events AS e
-       SET status = 'dead', dead_at = now(), lease_owner = NULL, lease_until = NULL,
-           last_status = u.http_status, last_error = u.error
-      FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), CAST(:statuses AS smallint[]),
-                  CAST(:errors AS text[])) AS u(id, attempts, http_status, error)
-     WHERE e.id = u.id AND e.attempts = u.attempts AND e.lease_owner = :owner AND e.status = 'in_flight'
-    """
-)
-
-# On shutdown, hand back what was claimed but not finished, due at once, and give back the
-# attempt it was charged: it was never (fully) tried, and waiting out the lease helps nobody.
-RELEASE = text(
-    """
-    UPDATE fp_outbox_events AS e
-       SET status = 'pending', lease_owner = NULL, lease_until = NULL, next_attempt_at = now(),
-           attempts = greatest(e.attempts - 1, 0)
-      FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS u(id, attempts)
-     WHERE e.id = u.id AND e.attempts = u.attempts AND e.lease_owner = :owner AND e.status = 'in_flight'
-    """
-)
-
-# --drain's question, answered from the partial index alone.
+# --drain's question: is anything waiting (an event past the position, a retry) or in flight (an unsettled claim)?
 ANY_UNFINISHED = text(
-    "SELECT EXISTS (SELECT 1 FROM fp_outbox_events WHERE status IN ('pending', 'in_flight'))"
+    """
+    WITH pos AS (
+        SELECT win_lo, win_hi, key_txid, key_id FROM fp_outbox_claims WHERE kind = 'fresh' ORDER BY id DESC LIMIT 1)
+    SELECT EXISTS (SELECT 1 FROM fp_outbox_retries WHERE delivered_at IS NULL)
+        OR EXISTS (SELECT 1 FROM fp_outbox_claims WHERE settled_at IS NULL)
+        OR NOT EXISTS (SELECT 1 FROM pos) AND EXISTS (SELECT 1 FROM fp_outbox_events)
+        OR EXISTS (SELECT 1 FROM fp_outbox_events AS e, pos AS p
+                    WHERE e.txid >= pg_snapshot_xmin(p.win_lo) AND NOT pg_visible_in_snapshot(e.txid, p.win_lo)
+                      AND NOT (pg_visible_in_snapshot(e.txid, p.win_hi)
+                               AND (e.txid, e.id) <= (p.key_txid, p.key_id))) AS unfinished
+    """
 )
 
 # GCRA: each grant moves the shared schedule (a sequence, updated in place: no row versions) forward by
@@ -179,31 +249,80 @@ PAUSE_ALL = text(
     """
 )
 
-# Counts per status and the age of the oldest event not yet settled: `fp-outbox status`, the demo and the
-# benchmarks. Counting delivered rows reads the table, so the gauges below use QUEUE_DEPTH instead.
-STATUS_COUNTS = text(
-    """
-    SELECT (SELECT count(*) FROM fp_outbox_events WHERE status = 'pending') AS pending,
-           (SELECT count(*) FROM fp_outbox_events WHERE status = 'in_flight') AS in_flight,
-           (SELECT count(*) FROM fp_outbox_events WHERE status = 'delivered') AS delivered,
-           (SELECT count(*) FROM fp_outbox_events WHERE status = 'dead') AS dead,
-           (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8
-              FROM fp_outbox_events WHERE status IN ('pending', 'in_flight')) AS oldest_pending_age_s
-    """
-)
+# ---------------------------------------------------------------- the queue's figures (status, gauges, --drain)
+# What is waiting or in flight, each part read as the claims read it, so the figures cost what waits, not what is
+# kept: the events past the shared position (the window's stragglers, those running at win_lo; then from the key
+# on, from the primary key; then what was running at win_hi), the events of unsettled fresh claims not yet done,
+# and the retries not delivered (their index: a delivered one waits at 'infinity'). No scan of the delivered
+# events, so it is cheap enough for every scrape; the same rows as the view fp_outbox_event_states. Each part of
+# the events is a txid range with both ends: the planner, which cannot see the position's values, then takes it
+# for a narrow range of the primary key, whatever the statistics say (with one end only it guesses a third of the
+# table, and a big batch enqueued in one transaction makes `= ANY` of the running ones look like most of it).
+_QUEUE = """
+    pos AS MATERIALIZED (
+        SELECT win_lo, win_hi, key_txid, key_id FROM fp_outbox_claims WHERE kind = 'fresh' ORDER BY id DESC LIMIT 1),
+    past AS (
+        SELECT e.created_at FROM fp_outbox_events AS e
+         WHERE e.txid >= (SELECT pg_snapshot_xmin(win_lo) FROM pos)
+           AND e.txid < (SELECT pg_snapshot_xmax(win_lo) FROM pos)
+           AND e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(win_lo) FROM pos))
+           AND NOT (pg_visible_in_snapshot(e.txid, (SELECT win_hi FROM pos))
+                    AND (e.txid, e.id) <= ((SELECT key_txid FROM pos), (SELECT key_id FROM pos)))
+        UNION ALL
+        SELECT e.created_at FROM fp_outbox_events AS e
+         WHERE e.txid >= coalesce((SELECT pg_snapshot_xmax(win_lo) FROM pos), '0')
+           AND e.txid < pg_snapshot_xmax(pg_current_snapshot())
+           AND (e.txid, e.id) > (coalesce((SELECT key_txid FROM pos), '0'), coalesce((SELECT key_id FROM pos), 0))
+           AND coalesce(pg_visible_in_snapshot(e.txid, (SELECT win_hi FROM pos))
+                        OR e.txid >= (SELECT pg_snapshot_xmax(win_hi) FROM pos), true)
+        UNION ALL
+        SELECT e.created_at FROM fp_outbox_events AS e
+         WHERE e.txid >= (SELECT pg_snapshot_xmax(win_lo) FROM pos)
+           AND e.txid < (SELECT pg_snapshot_xmax(win_hi) FROM pos)
+           AND e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(win_hi) FROM pos))),
+    flying AS (
+        SELECT u.id, u.txid FROM fp_outbox_claims AS c, unnest(c.ids, c.txids) AS u(id, txid)
+         WHERE c.settled_at IS NULL AND c.kind = 'fresh' AND u.id <> ALL (c.done)),
+    retrying AS (
+        SELECT lease_owner, created_at FROM fp_outbox_retries
+         WHERE next_attempt_at < 'infinity' AND delivered_at IS NULL)"""
 
-# The gauges' figures for every worker's scrape. Pending, in flight and the oldest age come from the
-# claim's partial index, dead from the dead rows' one: no scan of the delivered rows, which is what
-# keeps this cheap enough to run every few seconds on a table holding a week of deliveries.
-QUEUE_DEPTH = text(
-    """
-    SELECT (SELECT count(*) FROM fp_outbox_events WHERE status = 'pending') AS pending,
-           (SELECT count(*) FROM fp_outbox_events WHERE status = 'in_flight') AS in_flight,
-           (SELECT count(*) FROM fp_outbox_events WHERE status = 'dead') AS dead,
-           (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8
-              FROM fp_outbox_events WHERE status IN ('pending', 'in_flight')) AS oldest_pending_age_s
-    """
-)
+_QUEUE_FIGURES = """
+           (SELECT count(*) FROM past) + (SELECT count(*) FROM retrying WHERE lease_owner IS NULL) AS pending,
+           (SELECT count(*) FROM flying) + (SELECT count(*) FROM retrying WHERE lease_owner IS NOT NULL) AS in_flight,
+           (SELECT count(*) FROM fp_outbox_dead_letters) AS dead,
+           extract(epoch FROM clock_timestamp() - least(
+               (SELECT min(created_at) FROM past), (SELECT min(created_at) FROM retrying),
+               (SELECT min(e.created_at) FROM flying AS f JOIN fp_outbox_events AS e ON e.txid = f.txid AND e.id = f.id)
+           ))::float8 AS oldest_pending_age_s"""
+
+# `fp-outbox status`, the demo and the benchmarks: the queue's figures, and the deliveries the claims log records
+# (kept for --retain-delivered): one row per claim, so it reads the log, never the events.
+STATUS_COUNTS = text(f"""
+    WITH {_QUEUE}
+    SELECT {_QUEUE_FIGURES},
+           (SELECT coalesce(sum(delivered), 0) FROM fp_outbox_claims) AS delivered
+    """)
+
+# The gauges' figures, for every worker's scrape (worker.engine.metrics), and `status --watch` every second.
+QUEUE_DEPTH = text(f"""
+    WITH {_QUEUE}
+    SELECT {_QUEUE_FIGURES}
+    """)
+
+# While the previous release's table is there (after an upgrade, until the next release drops it), what it still
+# holds counts too: its unfinished and dead rows from its partial indexes; its delivered ones read the table, so
+# only `status` counts them. The mover (worker.engine.legacy) empties it of all but the delivered within minutes.
+LEGACY_PRESENT = text("SELECT to_regclass('fp_outbox_events_legacy') IS NOT NULL AS present")
+_LEGACY_FIGURES = """
+    SELECT (SELECT count(*) FROM fp_outbox_events_legacy WHERE status = 'pending') AS pending,
+           (SELECT count(*) FROM fp_outbox_events_legacy WHERE status = 'in_flight') AS in_flight,
+           (SELECT count(*) FROM fp_outbox_events_legacy WHERE status = 'dead') AS dead,
+           (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8 FROM fp_outbox_events_legacy
+             WHERE status IN ('pending', 'in_flight')) AS oldest_pending_age_s"""
+LEGACY_QUEUE_DEPTH = text(_LEGACY_FIGURES)
+LEGACY_STATUS_COUNTS = text(_LEGACY_FIGURES + """,
+           (SELECT count(*) FROM fp_outbox_events_legacy WHERE status = 'delivered') AS delivered""")
 
 # The oldest open transaction in this database that holds the vacuum horizon back: one with an xid, or a
 # snapshot (backend_xmin: a REPEATABLE READ report, pg_dump, a statement still running), and prepared
@@ -236,51 +355,158 @@ WORKERS_CONNECTED = text(
     """
 )
 
-# Retention of delivered rows. There is no index on delivered_at (it would cost every delivery a
-# write), so each batch walks the next `batch_size` rows in primary-key order, i.e. enqueue order, from
-# where the last batch stopped, and deletes the old delivered ones among them. A row created after the
-# cutoff cannot have been delivered before it, so a batch made only of such rows ends the walk (`done`):
-# the cost follows the rows deleted, not the size of the table (a whole batch, not the first young row, so
-# that ids taken slightly out of created_at order by concurrent transactions are still reached).
-# `lowest_kept` is the first row of the batch that is neither deleted nor dead (pending, in flight, or
-# delivered too recently): the next walk starts there, since it may become deletable later; dead rows have
-# their own retention, below. SKIP LOCKED lets two purges (two workers) run side by side.
-PURGE_DELIVERED_BATCH = text(
+# ---------------------------------------------------------------- retention (worker.engine.retention)
+# The worker's Retention thread and `fp-outbox purge`. Delivered events go by whole partitions, never by DELETE:
+# the event table only ever grows by inserts and shrinks by TRUNCATE, so it leaves no dead tuples to vacuum.
+
+# At the worker's start: the slot period follows --retain-delivered (a slot must be old enough to go before it
+# comes round again). A SECURITY DEFINER function of the migrating role: the worker needs no DDL right.
+SET_SLOT_PERIOD = text("SELECT fp_outbox_set_slot_period(CAST(:retain_s AS float8)) AS period_s")
+
+# One slot: 'truncated', or why not (current, young, empty: nothing to say; unclaimed, unsettled, busy: old enough
+# but kept). Its own transaction; the partition's lock is waited for 200 ms at most (fp_outbox_truncate_slot).
+TRUNCATE_SLOT = text("SELECT fp_outbox_truncate_slot(CAST(:slot AS integer), CAST(:retain_s AS float8)) AS outcome")
+
+# How many events each partition holds, as the statistics count them (inserts, no scan): for the log line of a
+# truncate, whose count would otherwise cost reading the partition it is about to drop.
+SLOT_SIZES = text(
     """
-    WITH examined AS (
-        SELECT id, status, created_at FROM fp_outbox_events
-         WHERE id > :after
-         ORDER BY id
-         LIMIT :batch_size),
-    doomed AS (
-        SELECT e.id FROM fp_outbox_events AS e
-         WHERE e.id IN (SELECT id FROM examined WHERE status = 'delivered')
-           AND e.status = 'delivered'
-           AND e.delivered_at < now() - make_interval(secs => CAST(:older_than_s AS float8))
-           FOR UPDATE SKIP LOCKED),
-    deleted AS (
-        DELETE FROM fp_outbox_events AS e USING doomed WHERE e.id = doomed.id RETURNING e.id)
-    SELECT (SELECT count(*) FROM deleted) AS deleted,
-           (SELECT max(id) FROM examined) AS last_id,
-           (SELECT min(id) FROM examined
-             WHERE status <> 'dead' AND id NOT IN (SELECT id FROM deleted)) AS lowest_kept,
-           coalesce((SELECT bool_and(created_at >= now() - make_interval(secs => CAST(:older_than_s AS float8)))
-                       FROM examined), true) AS done
+    SELECT substr(relname, length('fp_outbox_events_s') + 1)::int AS slot, n_live_tup AS events
+      FROM pg_stat_user_tables
+     WHERE schemaname = current_schema() AND relname ~ '^fp_outbox_events_s[0-9]+$'
     """
 )
 
-# Dead rows have their own partial index on dead_at, so the oldest come straight from it.
+# Where a walk of the claims log starts: its first row (the primary key's first live entry).
+FIRST_CLAIM = text("SELECT min(id) AS id FROM fp_outbox_claims")
+
+# The claims log past retention, in id order (claims are written in time order): each batch looks at `batch_size`
+# ids from `from_id` and deletes the settled ones settled before the cutoff, never the latest fresh claim (it holds
+# the shared position, however old: an idle outbox keeps it). The walk is `done` at a batch that holds a claim
+# taken after the cutoff (the rest are younger still), or at the end of the log: its cost follows what it deletes.
+PURGE_CLAIMS_BATCH = text(
+    """
+    WITH latest AS (
+        SELECT id FROM fp_outbox_claims WHERE kind = 'fresh' ORDER BY id DESC LIMIT 1),
+    doomed AS (
+        SELECT id FROM fp_outbox_claims
+         WHERE id >= :from_id AND id < :from_id + :batch_size
+           AND settled_at < now() - make_interval(secs => CAST(:older_than_s AS float8))
+           AND id NOT IN (SELECT id FROM latest)
+           FOR UPDATE SKIP LOCKED),
+    deleted AS (
+        DELETE FROM fp_outbox_claims AS c USING doomed WHERE c.id = doomed.id RETURNING c.id)
+    SELECT (SELECT count(*) FROM deleted) AS deleted,
+           EXISTS (SELECT 1 FROM fp_outbox_claims
+                    WHERE id >= :from_id AND id < :from_id + :batch_size
+                      AND claimed_at >= now() - make_interval(secs => CAST(:older_than_s AS float8)))
+           OR NOT EXISTS (SELECT 1 FROM fp_outbox_claims WHERE id >= :from_id + :batch_size) AS done
+    """
+)
+
+# Retries rows delivered at last are kept for their history (attempts, answers) as long as the claims that tell
+# it; they wait at next_attempt_at 'infinity', so their own index finds them.
+PURGE_DELIVERED_RETRIES_BATCH = text(
+    """
+    WITH doomed AS (
+        SELECT id FROM fp_outbox_retries
+         WHERE next_attempt_at = 'infinity'
+           AND delivered_at < now() - make_interval(secs => CAST(:older_than_s AS float8))
+         LIMIT :batch_size
+           FOR UPDATE SKIP LOCKED),
+    deleted AS (
+        DELETE FROM fp_outbox_retries AS r USING doomed WHERE r.id = doomed.id RETURNING r.id)
+    SELECT count(*) AS deleted, count(*) < :batch_size AS done FROM deleted
+    """
+)
+
+# Dead letters have a retention of their own (--retain-dead); their index on dead_at gives the oldest first.
 PURGE_DEAD_BATCH = text(
     """
     WITH doomed AS (
-        SELECT id FROM fp_outbox_events
-         WHERE status = 'dead' AND dead_at < now() - make_interval(secs => CAST(:older_than_s AS float8))
+        SELECT id FROM fp_outbox_dead_letters
+         WHERE dead_at < now() - make_interval(secs => CAST(:older_than_s AS float8))
          ORDER BY dead_at
          LIMIT :batch_size
            FOR UPDATE SKIP LOCKED),
     deleted AS (
-        DELETE FROM fp_outbox_events AS e USING doomed WHERE e.id = doomed.id RETURNING e.id)
-    SELECT count(*) AS deleted, max(id) AS last_id, count(*) < :batch_size AS done FROM deleted
+        DELETE FROM fp_outbox_dead_letters AS d USING doomed WHERE d.id = doomed.id RETURNING d.id)
+    SELECT count(*) AS deleted, count(*) < :batch_size AS done FROM deleted
+    """
+)
+
+# ---------------------------------------------------------------- the legacy mover (worker.engine.legacy)
+# After the upgrade to 0007 the previous release's table is fp_outbox_events_legacy; the workers move what it still
+# holds into the new storage, a short transaction per batch (SKIP LOCKED: any number of workers at once), and the
+# next release's migration drops it. Its trace_context column (revision 0005) is read through the row's JSON, so
+# the statements work whichever revision it was made by.
+
+LEGACY_ANY = text("SELECT EXISTS (SELECT 1 FROM fp_outbox_events_legacy) AS any")
+
+# Pending rows, and rows in flight whose lease expired (their worker, of the previous release, is gone: its settle
+# would meet the new table), become events again, with their id, insert_id, payload and created_at: the fresh path
+# claims them as any other. From the old table's partial index of unfinished rows.
+LEGACY_MOVE_UNFINISHED = text(
+    """
+    WITH moved AS (
+        DELETE FROM fp_outbox_events_legacy AS l
+         WHERE l.id IN (SELECT id FROM fp_outbox_events_legacy
+                         WHERE status IN ('pending', 'in_flight') AND (status = 'pending' OR lease_until < now())
+                         ORDER BY next_attempt_at
+                         LIMIT :batch_size
+                           FOR UPDATE SKIP LOCKED)
+     RETURNING l.id, l.insert_id, l.event_name, l.payload, l.created_at, to_jsonb(l) ->> 'trace_context' AS trace),
+    inserted AS (
+        INSERT INTO fp_outbox_events (id, insert_id, event_name, payload, created_at, trace_context)
+        SELECT id, insert_id, event_name, payload, created_at, trace FROM moved
+     RETURNING 1)
+    SELECT count(*) AS moved FROM inserted
+    """
+)
+
+# Dead rows become dead letters (their answer and when they died kept), from the old table's index of dead rows.
+LEGACY_MOVE_DEAD = text(
+    """
+    WITH moved AS (
+        DELETE FROM fp_outbox_events_legacy AS l
+         WHERE l.id IN (SELECT id FROM fp_outbox_events_legacy WHERE status = 'dead'
+                         ORDER BY dead_at
+                         LIMIT :batch_size
+                           FOR UPDATE SKIP LOCKED)
+     RETURNING l.id, l.insert_id, l.event_name, l.payload, l.created_at, to_jsonb(l) ->> 'trace_context' AS trace,
+               l.attempts, l.last_status, l.last_error, coalesce(l.dead_at, now()) AS dead_at),
+    inserted AS (
+        INSERT INTO fp_outbox_dead_letters (id, insert_id, event_name, payload, created_at, trace_context, attempts,
+                                            last_status, last_error, dead_at)
+        SELECT id, insert_id, event_name, payload, created_at, trace, attempts, last_status, last_error, dead_at
+          FROM moved
+            ON CONFLICT (id) DO NOTHING
+     RETURNING 1)
+    SELECT (SELECT count(*) FROM moved) AS moved
+    """
+)
+
+# Delivered rows are deleted once past --retain-delivered, by a walk over the old primary key (enqueue order; the
+# table gets no new rows): each batch looks at `batch_size` rows after `after` and deletes the old delivered ones.
+# `first_young` is the first delivered row still too recent: the next walk resumes there.
+LEGACY_PURGE_DELIVERED_BATCH = text(
+    """
+    WITH examined AS (
+        SELECT id, status, delivered_at FROM fp_outbox_events_legacy
+         WHERE id > :after
+         ORDER BY id
+         LIMIT :batch_size),
+    doomed AS (
+        SELECT l.id FROM fp_outbox_events_legacy AS l
+         WHERE l.id IN (SELECT id FROM examined WHERE status = 'delivered'
+                           AND delivered_at < now() - make_interval(secs => CAST(:older_than_s AS float8)))
+           FOR UPDATE SKIP LOCKED),
+    deleted AS (
+        DELETE FROM fp_outbox_events_legacy AS l USING doomed WHERE l.id = doomed.id RETURNING l.id)
+    SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT max(id) FROM examined) AS last_id,
+           (SELECT min(id) FROM examined
+             WHERE status = 'delivered'
+               AND delivered_at >= now() - make_interval(secs => CAST(:older_than_s AS float8))) AS first_young
     """
 )
 
@@ -341,8 +567,8 @@ ENDPOINT_UP = text(
           FROM was
         RETURNING was.down_since),
     due AS (
-        UPDATE fp_outbox_events SET next_attempt_at = now()
-         WHERE status = 'pending' AND next_attempt_at > now() AND EXISTS (SELECT 1 FROM up)
+        UPDATE fp_outbox_retries SET next_attempt_at = now()
+         WHERE lease_owner IS NULL AND delivered_at IS NULL AND next_attempt_at > now() AND EXISTS (SELECT 1 FROM up)
         RETURNING 1)
     SELECT (SELECT extract(epoch FROM now() - down_since)::float8 FROM up) AS down_s,
            (SELECT count(*) FROM due) AS made_due
@@ -366,3 +592,8 @@ DATABASE_STATE = text(
                 THEN 'read-only' ELSE 'read-write' END AS database
     """
 )
+
+# What the worker checks at start (worker.engine.lifecycle.check_schema): the schema's revision, and (from 0007 on)
+# the oldest worker revision it still works with.
+SCHEMA_REVISION = text("SELECT version_num FROM fp_outbox_alembic_version LIMIT 1")
+OLDEST_WORKER_REVISION = text("SELECT oldest_worker_revision FROM fp_outbox_schema_compat")

@@ -1,111 +1,139 @@
-"""Retention: deleting old delivered and dead rows in short batches, for the operator's `fp-outbox purge` and
-for the worker, which does it on a thread of its own, off the delivery path."""
+"""Retention on the insert-only storage, for the worker (a thread of its own, off the delivery path) and for the
+operator's `fp-outbox purge`: delivered events go by whole partitions (fp_outbox_truncate_slot: a slot once every
+event in it is claimed and settled and its newest is past --retain-delivered), the claims log and the delivered
+retries past the same age in short batches, dead letters past --retain-dead. Nothing deletes from the events."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import threading
-import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from outbox.schema import SLOTS
 from worker.engine import queries
+from worker.engine.legacy import LegacyMover, purge_legacy_delivered
 from worker.engine.logs import event, first_line, log
 
 RETENTION_EVERY = 60.0  # at most this many seconds between runs of the worker's retention (own thread)
 BATCH_SIZE = 5000  # rows a batch looks at; each batch is its own short transaction
-IDLE_BATCHES = 20  # a run ends after this many batches that delete less than half their size ...
-FULL_WALK_EVERY = 3600.0  # ... and now and then a walk starts again from the first row (seconds)
+#: Why a slot old enough to go was kept (fp_outbox_truncate_slot's answers), as the log line says it.
+KEPT = {"unclaimed": "events in it not claimed yet (workers stopped, or far behind)",
+        "unsettled": "a claim still in flight (or past its lease) lists it",
+        "busy": "a transaction still writing it held its lock"}
 
 
-def purge_delivered(engine: Engine, older_than: timedelta, batch_size: int = BATCH_SIZE, max_batches: int = 20) -> int:
-    """Delete delivered rows delivered more than `older_than` ago; returns how many (`fp-outbox purge`).
+@dataclass(frozen=True)
+class Purged:
+    """What a purge or a retention run removed: the slots truncated (slot -> its events, as the statistics count
+    them), the slots old enough but kept (slot -> unclaimed, unsettled or busy), claims log rows, delivered retries
+    rows, the previous release's delivered rows, and dead letters."""
 
-    At most `max_batches` short transactions, each looking at the next `batch_size` rows in enqueue
-    (id) order from the first row, until a batch holds only rows enqueued after the cutoff; so a call's cost
-    is bounded and follows the old rows, not the table. Call it again later for the rest.
-    """
+    truncated: Mapping[int, int] = field(default_factory=dict)
+    kept: Mapping[int, str] = field(default_factory=dict)
+    claims: int = 0
+    retries: int = 0
+    legacy: int = 0
+    dead: int = 0
+
+    @property
+    def anything(self) -> bool:
+        return bool(self.truncated or self.claims or self.retries or self.legacy or self.dead)
+
+
+def truncate_slots(engine: Engine, older_than: timedelta) -> tuple[dict[int, int], dict[int, str]]:
+    """Truncate every slot that may go; returns (slot -> its events, slot -> why kept) for the old enough ones."""
+    with engine.connect() as conn:
+        sizes = {row.slot: int(row.events) for row in conn.execute(queries.SLOT_SIZES)}
+    truncated, kept = {}, {}
+    for slot in range(SLOTS):
+        with engine.begin() as conn:  # one slot a transaction: its lock is held for that slot's TRUNCATE only
+            outcome = conn.execute(queries.TRUNCATE_SLOT, {"slot": slot, "retain_s": older_than.total_seconds()}
+                                   ).scalar_one()
+        if outcome == "truncated":
+            truncated[slot] = sizes.get(slot, 0)
+        elif outcome in KEPT:
+            kept[slot] = outcome
+    return truncated, kept
+
+
+def preview_truncate(engine: Engine, older_than: timedelta) -> tuple[dict[int, int], dict[int, str]]:
+    """What truncate_slots would do now, changing nothing (`purge --dry-run`): each slot's truncate is run and rolled
+    back at once, so the answer is the function's own, and its lock is held only for that moment."""
+    with engine.connect() as conn, conn.begin() as outer:
+        sizes = {row.slot: int(row.events) for row in conn.execute(queries.SLOT_SIZES)}
+        truncated, kept = {}, {}
+        for slot in range(SLOTS):
+            attempt = conn.begin_nested()
+            outcome = conn.execute(queries.TRUNCATE_SLOT, {"slot": slot, "retain_s": older_than.total_seconds()}
+                                   ).scalar_one()
+            attempt.rollback()
+            if outcome == "truncated":
+                truncated[slot] = sizes.get(slot, 0)
+            elif outcome in KEPT:
+                kept[slot] = outcome
+        outer.rollback()
+    return truncated, kept
+
+
+def purge_claims(engine: Engine, older_than: timedelta, batch_size: int = BATCH_SIZE,
+                 max_batches: int = sys.maxsize) -> int:
+    """Delete settled claims log rows settled more than `older_than` ago, in id order, never the latest fresh claim;
+    at most `max_batches` transactions of `batch_size` ids each. Returns how many."""
     _check(batch_size, max_batches)
-    total, after = 0, 0
-    for _ in range(max_batches):
-        batch = _delivered_batch(engine, after, older_than, batch_size)
+    with engine.connect() as conn:
+        from_id = conn.execute(queries.FIRST_CLAIM).scalar_one()
+    total = 0
+    for _ in range(max_batches if from_id is not None else 0):
+        with engine.begin() as conn:
+            batch = conn.execute(queries.PURGE_CLAIMS_BATCH, {
+                "from_id": from_id, "batch_size": batch_size, "older_than_s": older_than.total_seconds()}).one()
         total += batch.deleted
-        if batch.done or batch.last_id is None:
+        if batch.done:
             break
-        after = batch.last_id
+        from_id += batch_size
     return total
 
 
+def purge_delivered(engine: Engine, older_than: timedelta, batch_size: int = BATCH_SIZE,
+                    max_batches: int = sys.maxsize) -> Purged:
+    """Retire what was delivered more than `older_than` ago (`fp-outbox purge --delivered-older-than`): the slots that
+    may go, truncated; the claims log, the delivered retries and the previous release's delivered rows in batches."""
+    truncated, kept = truncate_slots(engine, older_than)
+    retries = _drain(engine, queries.PURGE_DELIVERED_RETRIES_BATCH, older_than, batch_size, max_batches)
+    legacy = 0
+    if _legacy_present(engine):
+        legacy, _ = purge_legacy_delivered(engine, older_than, 0, batch_size, max_batches)
+    return Purged(truncated, kept, purge_claims(engine, older_than, batch_size, max_batches), retries, legacy)
+
+
 def purge_dead(engine: Engine, older_than: timedelta, batch_size: int = BATCH_SIZE, max_batches: int = 20) -> int:
-    """Delete dead rows that died more than `older_than` ago, in at most `max_batches` transactions."""
+    """Delete dead letters that died more than `older_than` ago, oldest first, in at most `max_batches`
+    transactions of `batch_size`; returns how many."""
+    return _drain(engine, queries.PURGE_DEAD_BATCH, older_than, batch_size, max_batches)
+
+
+def _drain(engine: Engine, statement, older_than: timedelta, batch_size: int, max_batches: int) -> int:
     _check(batch_size, max_batches)
     total = 0
-    params = {"older_than_s": older_than.total_seconds(), "batch_size": batch_size}
     for _ in range(max_batches):
         with engine.begin() as conn:  # one short transaction per batch: row locks on this batch only
-            batch = conn.execute(queries.PURGE_DEAD_BATCH, params).one()
+            batch = conn.execute(statement, {"older_than_s": older_than.total_seconds(),
+                                             "batch_size": batch_size}).one()
         total += batch.deleted
         if batch.done:
             break
     return total
 
 
-class Retention:
-    """The worker's retention: delivered rows past `delivered` and dead rows past `dead` (None: keep them).
-
-    Delivered rows are found by a walk over the primary key that resumes, run after run, where the last run
-    stopped, and starts each new walk at the lowest row it had to keep (pending, in flight, delivered too
-    recently), with a walk from the first row now and then. So rows it must keep, however many, cost a run
-    its time but never stop it: the next run goes on from there. A run goes on while its batches delete at
-    least half of what they look at (keeping pace with heavy delivery) and ends after `idle_batches` that do
-    not. Dead rows come from their own partial index, oldest first.
-    """
-
-    def __init__(self, engine: Engine, delivered: timedelta | None, dead: timedelta | None,
-                 batch_size: int = BATCH_SIZE, idle_batches: int = IDLE_BATCHES, clock=time.monotonic) -> None:
-        _check(batch_size, idle_batches)
-        self._engine, self._delivered, self._dead = engine, delivered, dead
-        self._batch_size, self._idle_batches, self._clock = batch_size, idle_batches, clock
-        self._cursor = 0  # the walk resumes after this id
-        self._restart_at: int | None = None  # the lowest id this walk had to keep
-        self._full_walk_at = clock() + FULL_WALK_EVERY
-
-    def run(self) -> tuple[int, int]:
-        """One run: returns how many delivered and how many dead rows it deleted."""
-        delivered = self._walk(self._delivered) if self._delivered else 0
-        dead = purge_dead(self._engine, self._dead, self._batch_size, sys.maxsize) if self._dead else 0
-        return delivered, dead
-
-    def _walk(self, older_than: timedelta) -> int:
-        total = idle = 0
-        while idle < self._idle_batches:
-            batch = _delivered_batch(self._engine, self._cursor, older_than, self._batch_size)
-            total += batch.deleted
-            if batch.lowest_kept is not None:
-                self._restart_at = min(self._restart_at or batch.lowest_kept, batch.lowest_kept)
-            if batch.done or batch.last_id is None:
-                self._next_walk()
-                break
-            self._cursor = batch.last_id
-            idle += batch.deleted * 2 < self._batch_size
-        return total
-
-    def _next_walk(self) -> None:
-        """The walk reached rows too young to be old enough: the next one starts at the lowest row kept."""
-        if self._clock() >= self._full_walk_at:
-            self._cursor, self._full_walk_at = 0, self._clock() + FULL_WALK_EVERY
-        elif self._restart_at is not None:
-            self._cursor = self._restart_at - 1
-        self._restart_at = None
-
-
-def _delivered_batch(engine: Engine, after: int, older_than: timedelta, batch_size: int):
-    with engine.begin() as conn:  # one short transaction per batch: row locks on this batch only
-        return conn.execute(queries.PURGE_DELIVERED_BATCH, {
-            "after": after, "older_than_s": older_than.total_seconds(), "batch_size": batch_size}).one()
+def _legacy_present(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.execute(queries.LEGACY_PRESENT).scalar_one())
 
 
 def _check(batch_size: int, batches: int) -> None:
@@ -113,9 +141,63 @@ def _check(batch_size: int, batches: int) -> None:
         raise ValueError(f"batch_size and the number of batches must be at least 1, got {batch_size} and {batches}")
 
 
+class Retention:
+    """The worker's retention: what was delivered more than `delivered` ago and dead letters older than `dead`
+    (None: keep them), and the previous release's table moved into the new storage while it holds rows."""
+
+    def __init__(self, engine: Engine, delivered: timedelta | None, dead: timedelta | None,
+                 batch_size: int = BATCH_SIZE) -> None:
+        _check(batch_size, 1)
+        self._engine, self._delivered, self._dead, self._batch_size = engine, delivered, dead, batch_size
+        self._mover = LegacyMover(engine, delivered, batch_size)
+
+    @property
+    def finished(self) -> bool:
+        """Nothing is left for it to do, ever: retention off and the previous release's table empty."""
+        return self._delivered is None and self._dead is None and self._mover.done
+
+    def begin(self) -> float | None:
+        """At the worker's start: the slot period follows --retain-delivered; returns it (None: retention off)."""
+        if self._delivered is None:
+            return None
+        with self._engine.begin() as conn:
+            period = conn.execute(queries.SET_SLOT_PERIOD, {"retain_s": self._delivered.total_seconds()}).scalar_one()
+        event(log, logging.INFO, "retention: slot period set", period_s=round(period, 1),
+              retain_delivered_s=self._delivered.total_seconds())
+        return period
+
+    def move_legacy(self) -> None:
+        """The legacy mover's batches alone (at the worker's start: an upgrade's rows should not wait a run)."""
+        self._mover.run()
+
+    def run(self) -> Purged:
+        """One run: the legacy mover's batches, then what is past retention; logged, and returned."""
+        self._mover.run()
+        purged = Purged()
+        if self._delivered is not None:
+            purged = purge_delivered(self._engine, self._delivered, self._batch_size)
+        if self._dead is not None:
+            purged = replace(purged, dead=purge_dead(self._engine, self._dead, self._batch_size, sys.maxsize))
+        _log_run(purged)
+        return purged
+
+
+def _log_run(purged: Purged) -> None:
+    for slot, events in purged.truncated.items():
+        event(log, logging.INFO, "retention: slot truncated", partition=f"fp_outbox_events_s{slot:02d}",
+              events=events)
+    if purged.kept:  # once a run, every slot old enough that stays, and why
+        event(log, logging.INFO, "retention: slots kept past retention", **{
+            f"fp_outbox_events_s{slot:02d}": f"{why}: {KEPT[why]}" for slot, why in sorted(purged.kept.items())})
+    if purged.claims or purged.retries or purged.legacy or purged.dead:
+        event(log, logging.INFO, "purged old rows", claims=purged.claims, delivered_retries=purged.retries,
+              legacy_delivered=purged.legacy, dead=purged.dead)
+
+
 def start_retention(engine: Engine, delivered: timedelta | None, dead: timedelta | None,
                     stopping: threading.Event) -> threading.Thread:
-    """Run retention about once a minute on a daemon thread, until `stopping`."""
+    """On a daemon thread: set the slot period and move the previous release's rows at once, then run retention
+    (and the mover) about once a minute, until `stopping` or until nothing is left for it to do."""
     retention = Retention(engine, delivered, dead)
     # Half the shortest retention age for short ones (tests, demos), so rows never outstay it by much.
     every = min([RETENTION_EVERY] + [max(1.0, age.total_seconds() / 2) for age in (delivered, dead) if age])
@@ -126,11 +208,18 @@ def start_retention(engine: Engine, delivered: timedelta | None, dead: timedelta
 
 
 def _retain(retention: Retention, every: float, stopping: threading.Event) -> None:
-    while not stopping.wait(every):
+    # At start only the slot period and the legacy mover (a few statements): the first purge waits its interval,
+    # so a worker's start-up costs the database next to nothing, and a fleet's restart no burst of purges.
+    begun = False
+    while not retention.finished:
         try:
-            delivered, dead = retention.run()
+            if begun:
+                retention.run()
+            else:
+                retention.begin()
+                retention.move_legacy()
+                begun = True
         except SQLAlchemyError as exc:
-            event(log, logging.WARNING, "retention purge failed; trying again later", error=first_line(exc))
-            continue
-        if delivered or dead:
-            event(log, logging.INFO, "purged old rows", delivered=delivered, dead=dead)
+            event(log, logging.WARNING, "retention failed; trying again later", error=first_line(exc))
+        if stopping.wait(every):
+            return

@@ -68,13 +68,12 @@ class SideServices:
         self._last_summary = (time.monotonic(), Counter())
 
     def start(self) -> None:
-        """Serve /metrics and start the retention thread, if configured."""
+        """Serve /metrics if configured; start retention, always (it moves an upgrade's legacy rows too)."""
         self._metrics.set_rate_limit(self._settings.rate_limit)
         if self._settings.metrics_port:
             port = self._metrics.start_http_server(self._settings.metrics_port)
             event(log, logging.INFO, "metrics served", port=port, path="/metrics")
-        if self._settings.retain_delivered or self._settings.retain_dead:
-            start_retention(self._engine, self._settings.retain_delivered, self._settings.retain_dead, self._stopping)
+        start_retention(self._engine, self._settings.retain_delivered, self._settings.retain_dead, self._stopping)
 
     def refresh_gauges(self, in_flight: int) -> None:
         """Set the in-flight gauge; read the queue gauges from the database every QUEUE_GAUGES_EVERY seconds."""

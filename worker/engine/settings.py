@@ -38,9 +38,9 @@ OPTIONS: list[tuple[str, str | None, object, type, str]] = [
     ("--log-format", "FP_OUTBOX_LOG_FORMAT", "text", str, "text (key=value) or json"),
     ("--metrics-port", "FP_OUTBOX_METRICS_PORT", 0, int, "serve Prometheus /metrics on this port (0: off)"),
     ("--retain-delivered", "FP_OUTBOX_RETAIN_DELIVERED", "7d", str,
-     "purge delivered rows older than this (7d, 12h, ...; off: keep them)"),
+     "retire delivered events older than this, by whole partitions (7d, 12h, ...; off: keep them)"),
     ("--retain-dead", "FP_OUTBOX_RETAIN_DEAD", "30d", str,
-     "purge dead rows that died longer ago than this (30d, ...; off: keep them)"),
+     "delete dead letters that died longer ago than this (30d, ...; off: keep them)"),
 ]
 
 # The prefix of every worker connection's application_name (and the count of workers in `fp-outbox status`).

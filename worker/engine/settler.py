@@ -12,13 +12,13 @@ from worker.engine.health import DatabaseHealth
 from worker.engine.inflight import InFlight
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
-from worker.engine.outcomes import Batch, Unwritten, Written, split_outcomes, write
+from worker.engine.outcomes import Unwritten, Written, write
 from worker.engine.policy import Outcome, Retry
 from worker.engine.settings import Settings
-from worker.engine.store import Claimed, DatabaseUnavailable, Store
+from worker.engine.store import Claimed, DatabaseUnavailable, Settled, Store
 
 SETTLE_DELAY = 0.05  # seconds an outcome may wait to be settled together with others
-TOTALS = {"delivered": "delivered", "retry": "retried", "dead": "dead"}  # batch kind -> key of Settler.totals
+TOTALS = {"delivered": "delivered", "retry": "retried", "dead": "dead"}  # outcome kind -> key of Settler.totals
 
 
 class Settler:
@@ -71,54 +71,50 @@ class Settler:
             self._apply(outcomes)
             self._health.ok()
         except Unwritten as exc:
-            self._outcomes = exc.outcomes + self._outcomes  # settle again later; the lease still holds them
+            self._outcomes = exc.outcomes + self._outcomes  # settle again later (settling twice changes nothing)
             self._health.trouble(exc)
         except DatabaseUnavailable as exc:  # only the 429 pause was lost; the next 429 sets it again
             self._health.trouble(exc)
 
     def _apply(self, outcomes: list[tuple[Claimed, Outcome]]) -> None:
-        batches = split_outcomes(outcomes, self._settings)
-        try:
-            written = write(self._store, batches)
-        except Unwritten as exc:
-            self._report(exc.done, exc.written, expected=sum(len(b.rows) for b in exc.done))
-            raise
-        self._report(batches, written, expected=len(outcomes))
+        batch, written = write(self._store, outcomes, self._settings)
+        self._report(batch, written)
         self._pause_on_429(outcomes)
 
-    def _report(self, batches: list[Batch], written: Written, expected: int) -> None:
+    def _report(self, batch: list[Settled], written: Written) -> None:
         """Count and log what was settled: totals, metrics, dead events, retries, refusals, lost leases."""
-        for batch in batches:
-            self._count(batch)
-            self._log(batch)
+        for one in batch:
+            self._count(one)
+        self._log(batch)
         if written.dead_lettered or written.unstorable:
             first_id, first_error = (written.dead_lettered or written.unstorable)[0]
             event(log, logging.WARNING, "could not record some outcomes; dead-lettered them instead",
                   dead_lettered=len(written.dead_lettered), unstorable=len(written.unstorable),
                   first_id=first_id, first_error=first_error)
-        lost = expected - written.held - len(written.unstorable)
+        lost = len(batch) - written.held - len(written.unstorable)
         if lost > 0:
             event(log, logging.WARNING, "lease lost before settling; another worker owns those rows now",
                   lost=lost)
 
-    def _count(self, batch: Batch) -> None:
-        self.totals[TOTALS[batch.kind]] += len(batch.rows)
-        if batch.kind == "delivered":
-            self._metrics.delivered(len(batch.rows))
-            self._metrics.delivered_after([row.created_at for row in batch.rows])
-            return
-        count = self._metrics.retried if batch.kind == "retry" else self._metrics.dead
-        for outcome in batch.outcomes:
-            count(outcome.reason, outcome.status)
+    def _count(self, one: Settled) -> None:
+        self.totals[TOTALS[one.kind]] += 1
+        if one.kind == "delivered":
+            self._metrics.delivered(1)
+            self._metrics.delivered_after([one.row.created_at])
+        elif one.kind == "retry":
+            self._metrics.retried(one.error, one.status)
+        else:
+            self._metrics.dead(one.error, one.status)
 
     @staticmethod
-    def _log(batch: Batch) -> None:
-        if batch.kind == "dead":
-            for row, outcome in zip(batch.rows, batch.outcomes):
-                event(log, logging.WARNING, "event dead", id=row.id, status=outcome.status, reason=outcome.reason)
-        elif batch.kind == "retry" and batch.rows:
-            event(log, logging.INFO, "retry scheduled", count=len(batch.rows), first_id=batch.rows[0].id,
-                  first_reason=batch.outcomes[0].reason, first_delay_s=round(batch.delays[0], 3))
+    def _log(batch: list[Settled]) -> None:
+        retries = [one for one in batch if one.kind == "retry"]
+        for one in batch:
+            if one.kind == "dead":
+                event(log, logging.WARNING, "event dead", id=one.row.id, status=one.status, reason=one.error)
+        if retries:
+            event(log, logging.INFO, "retry scheduled", count=len(retries), first_id=retries[0].row.id,
+                  first_reason=retries[0].error, first_delay_s=round(retries[0].delay, 3))
 
     def _pause_on_429(self, outcomes: list[tuple[Claimed, Outcome]]) -> None:
         pauses = [o.retry_after or 1.0 for _, o in outcomes if isinstance(o, Retry) and o.status == 429]

@@ -11,9 +11,8 @@ import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from worker.engine import queries
+from worker.engine import figures, queries
 from worker.engine.calls import Calls
-from worker.engine.floor import FRESH_START_WINDOW, Snapshot
 from worker.engine.payload import event_body
 from worker.engine.roundtrip import Ran, run_alone
 
@@ -45,6 +44,7 @@ class DatabaseRefused(Exception):
 EXIT_READ_ONLY, EXIT_NO_GRANT, EXIT_NO_SCHEMA = 3, 4, 5
 READ_ONLY = ("the database is read-only ({reason}): a failover in progress (a demoted primary whose name has not "
              "moved yet), a standby, or default_transaction_read_only on for this role")
+EXPIRED = "lease expired: its worker died, hung or lost the database before settling"
 NO_TABLE = ("the outbox table fp_outbox_events does not exist in this database; run `fp-outbox migrate` "
             "(as the table's owner) first")
 
@@ -81,21 +81,41 @@ class StatementRefused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """One claimed row: its id, the attempt this claim counted, the payload text as stored and the insert_id
-    column, from which body() builds what is sent; when it was enqueued (epoch seconds, database clock) and the
-    trace context it was enqueued in (JSON of traceparent and tracestate), if any."""
+    """One claimed event: its id, the attempt this claim counted, the payload text as stored and the insert_id
+    column, from which body() builds what is sent; the claim it came with (claim_id; `txid` for a fresh claim, its
+    primary key with the id; None for a retry), and when it was enqueued (epoch seconds)."""
 
     id: int
     attempts: int
     payload: str
     insert_id: str
+    claim_id: int = 0
+    txid: str | None = None
     created_at: float | None = None
     trace_context: str | None = None
+
+    @property
+    def fresh(self) -> bool:
+        """From the events (the fresh path), not from the retries (the due path)."""
+        return self.txid is not None
 
     def body(self, token: str | None) -> bytes:
         """The bytes to POST, with `token` filled in where the event has none (worker.engine.payload.event_body);
         raises Unsendable (NoToken, MalformedPayload) with the reason to record."""
         return event_body(self.payload, self.insert_id, token)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """One outcome as settling writes it: `kind` delivered, retry or dead, the HTTP status (None if no answer),
+    the reason, and for a retry its delay in seconds and whether the attempt counts."""
+
+    row: Claimed
+    kind: str
+    status: int | None
+    error: str | None = None
+    delay: float = 0.0
+    counted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,24 +143,24 @@ class Store:
         self.endpoint_down = False  # as the last claim read it (fp_outbox_endpoint)
         self.calls = calls or Calls()  # times every call, traces claims and settles
 
-    def claim_fresh(self, floor: int, limit: int, rate: float, *, probe: bool = False
-                    ) -> tuple[list[Claimed], Grant, Snapshot]:
-        """Claim up to `limit` due rows above `floor` (the fresh path) with their share of the rate budget, in
-        one statement; returns the rows, their grant and what the statement's snapshot saw. While the endpoint
-        is down it claims nothing, unless `probe` (this worker holds the probe lease)."""
-        rows = self._claim(queries.CLAIM_FRESH, {"floor": floor, "limit": limit, "rate": rate}, probe)
-        return _claimed(rows), _grant_of(rows), Snapshot(rows[0].xmin, rows[0].xmax, rows[0].head)
-
-    def claim_due(self, limit: int, rate: float, *, probe: bool = False) -> tuple[list[Claimed], Grant]:
-        """Claim up to `limit` of whatever is due (retries, expired leases, released rows, late commits,
-        requeued rows), oldest due first."""
-        rows = self._claim(queries.CLAIM_SWEEP, {"limit": limit, "rate": rate}, probe)
+    def claim_fresh(self, limit: int, rate: float, *, probe: bool = False) -> tuple[list[Claimed], Grant]:
+        """Claim up to `limit` events past the shared position (the fresh path) with their share of the rate
+        budget, in one statement. While the endpoint is down it claims nothing, unless `probe` (this worker holds
+        the probe lease)."""
+        rows = self._claim(queries.CLAIM_FRESH, {"limit": limit, "rate": rate}, probe)
         return _claimed(rows), _grant_of(rows)
 
-    def first_floor(self, window: int = FRESH_START_WINDOW) -> int:
-        """Where a new worker's floor starts: below the oldest due pending row among the last `window` ids, else
-        at the head; older due rows are the due path's."""
-        return int(self._run(queries.FIRST_FLOOR, {"window": window}).rows[0].floor)
+    def claim_due(self, limit: int, rate: float, *, probe: bool = False) -> tuple[list[Claimed], Grant]:
+        """Claim up to `limit` retries whose time came (failed attempts, expired leases, released and requeued
+        events), oldest due first."""
+        rows = self._claim(queries.CLAIM_DUE, {"limit": limit, "rate": rate}, probe)
+        return _claimed(rows), _grant_of(rows)
+
+    def recover_expired(self, limit: int) -> tuple[int, int]:
+        """Settle up to `limit` claims whose lease expired, their unfinished events made retries due now;
+        returns (claims, events)."""
+        row = self._run(queries.RECOVER_EXPIRED, {"limit": limit, "reason": EXPIRED}).rows[0]
+        return int(row.claims), int(row.events)
 
     def _claim(self, statement, params: dict, probe: bool) -> list:
         rows = self._run(statement, {"owner": self.owner, "lease_s": self.lease_seconds, "probe": probe,
@@ -170,25 +190,30 @@ class Store:
         row = self._run(queries.ENDPOINT_UP, {}).rows[0]
         return row.down_s, int(row.made_due)
 
-    # The settle statements take the claims themselves: each row's id and the attempt its claim counted, so
-    # that only that claim is settled (queries.MARK_DELIVERED).
-    def mark_delivered(self, rows: list[Claimed], statuses: list[int]) -> int:
-        return self._update(queries.MARK_DELIVERED, rows, statuses=statuses)
+    def settle(self, outcomes: list[Settled]) -> int:
+        """Write outcomes of this worker's claims (fresh and due ones, one statement each); returns how many it still
+        held. Raises StatementRefused when the database refuses a statement for what it carries."""
+        held = 0
+        for statement, group in ((queries.SETTLE_FRESH, [o for o in outcomes if o.row.fresh]),
+                                 (queries.SETTLE_DUE, [o for o in outcomes if not o.row.fresh])):
+            if group:
+                held += self._settle(statement, group)
+        return held
 
-    def schedule_retry(self, rows: list[Claimed], delays: list[float], statuses: list[int | None],
-                       errors: list[str], counted: list[bool] | None = None) -> int:
-        counted = [True] * len(rows) if counted is None else counted
-        return self._update(queries.SCHEDULE_RETRY, rows, delays=delays, statuses=statuses, errors=errors,
-                            counted=counted)
-
-    def mark_dead(self, rows: list[Claimed], statuses: list[int | None], errors: list[str]) -> int:
-        return self._update(queries.MARK_DEAD, rows, statuses=statuses, errors=errors)
-
-    def release(self, rows: list[Claimed]) -> int:
-        return self._update(queries.RELEASE, rows)
+    def _settle(self, statement, group: list[Settled]) -> int:
+        params = {"owner": self.owner, "claim_ids": [o.row.claim_id for o in group], "ids": [o.row.id for o in group],
+                  "txids": [o.row.txid for o in group], "attempts": [o.row.attempts for o in group],
+                  "kinds": [o.kind for o in group], "statuses": [o.status for o in group],
+                  "errors": [o.error for o in group], "delays": [o.delay for o in group],
+                  "counted": [o.counted for o in group]}
+        try:
+            return int(self._run(statement, params).rows[0].held)
+        except (psycopg.Error, UnicodeError) as exc:  # a lost connection is DatabaseUnavailable, raised as such
+            raise StatementRefused(_describe(exc)) from exc
 
     def anything_unfinished(self) -> bool:
-        return bool(self._run(queries.ANY_UNFINISHED, {}).rows[0].exists)
+        """Whether any event waits (past the position, or a retry) or is in flight (an unsettled claim)."""
+        return bool(self._run(queries.ANY_UNFINISHED, {}).rows[0].unfinished)
 
     def acquire_permits(self, count: int, rate: float) -> Grant:
         """Reserve `count` requests of the shared budget (re-sends); wait its wait_s before sending."""
@@ -205,15 +230,6 @@ class Store:
         row = self._run(queries.PAUSE_ALL, {"pause_s": seconds}).rows[0]
         return row.set_at, row.until
 
-    def _update(self, statement, rows: list[Claimed], **params) -> int:
-        if not rows:
-            return 0
-        claims = {"ids": [row.id for row in rows], "attempts": [row.attempts for row in rows]}
-        try:
-            return self._run(statement, {"owner": self.owner, **claims, **params}).rowcount
-        except (psycopg.Error, UnicodeError) as exc:  # a lost connection is DatabaseUnavailable, raised as such
-            raise StatementRefused(_describe(exc)) from exc
-
     def _run(self, statement, params: dict) -> Ran:
         """One statement, a transaction of its own in one round trip; driver errors translated (translate)."""
         try:
@@ -227,8 +243,8 @@ class Store:
 
 
 def _claimed(rows: list) -> list[Claimed]:
-    return [Claimed(row.id, row.attempts, row.payload, row.insert_id, row.created_at, row.trace_context)
-            for row in rows if row.id is not None]
+    return [Claimed(row.id, row.attempts, row.payload, row.insert_id, row.claim_id, row.txid, row.created_at,
+                    row.trace_context) for row in rows if row.id is not None]
 
 
 def _grant_of(rows: list) -> Grant:
@@ -237,11 +253,10 @@ def _grant_of(rows: list) -> Grant:
 
 
 def status_counts(engine: Engine) -> dict[str, float | int | None]:
-    """pending, in_flight, delivered, dead and oldest_pending_age_s, read in one statement (database-wide)."""
+    """pending, in_flight, delivered, dead and oldest_pending_age_s, database-wide (worker.engine.figures: delivered
+    is what the claims log records, kept for --retain-delivered)."""
     with engine.connect() as conn:
-        row = conn.execute(queries.STATUS_COUNTS).mappings().one()
-    return {key: (int(value) if key != "oldest_pending_age_s" and value is not None else value)
-            for key, value in row.items()}
+        return figures.status_counts(conn)
 
 
 def endpoint_state(engine: Engine) -> dict[str, float | int | str | None]:
@@ -272,10 +287,10 @@ def oldest_transaction(engine: Engine) -> dict[str, float | int | str | None]:
 
 
 def queue_figures(engine: Engine) -> dict[str, float | int | None]:
-    """pending, in_flight, dead and oldest_pending_age_s from the partial indexes alone (no scan of the delivered
-    rows): cheap enough to read every second."""
+    """pending, in_flight, dead and oldest_pending_age_s from the indexes alone (no scan of the delivered events):
+    cheap enough to read every second."""
     with engine.connect() as conn:
-        return dict(conn.execute(queries.QUEUE_DEPTH).mappings().one())
+        return figures.queue_depth(conn)
 
 
 def workers_connected(engine: Engine) -> int:

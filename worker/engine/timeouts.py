@@ -42,10 +42,13 @@ MIN_CONNECT_TIMEOUT = 2  # seconds: libpq (and psycopg) wait at least this long 
 
 
 def server_limits(seconds: float) -> str:
-    """The statement that sets the server's limits to `seconds` for the rest of its transaction."""
+    """The statement that sets the server's limits to `seconds` for the rest of its transaction, and turns JIT
+    off for it: the worker's statements take milliseconds, and compiling one (when its estimated cost passes
+    jit_above_cost, as a claim over a big backlog's may) takes a hundred."""
     ms = int(seconds * 1000)
     return (f"SELECT set_config('statement_timeout', '{ms}', true) AS statement_timeout, "
-            f"set_config('idle_in_transaction_session_timeout', '{ms}', true) AS idle_in_transaction_session_timeout")
+            f"set_config('idle_in_transaction_session_timeout', '{ms}', true) AS idle_in_transaction_session_timeout, "
+            "set_config('jit', 'off', true) AS jit")
 
 
 _SET_LIMITS = server_limits(STATEMENT_TIMEOUT)
