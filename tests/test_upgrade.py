@@ -142,10 +142,10 @@ def test_the_previous_release_keeps_enqueueing_through_migrate_and_nothing_is_lo
         assert max(waits) < MAX_COMMIT_WAIT, max(waits)
         _stopped_cleanly_or_running(old_worker)
         engine = make_engine(url)
-        with engine.connect() as conn:  # rows the old worker held when it stopped wait for their lease to run out
+        with engine.connect() as conn:  # rows the old worker held when it stopped are moved once their lease is out
             lease_left = conn.execute(text("SELECT coalesce(extract(epoch FROM max(lease_until) - now()), 0)"
                                            " FROM fp_outbox_events_legacy WHERE status = 'in_flight'")).scalar()
-        assert wait_until(lambda: set(status_of(engine)) <= {"delivered"}, max(float(lease_left), 0.0) + 60), \
+        assert wait_until(lambda: set(status_of(engine)) <= {"delivered"}, max(float(lease_left), 0.0) + 20), \
             (status_of(engine), new_workers[0].output())
         engine.dispose()
     finally:

@@ -50,6 +50,15 @@ class LegacyMover:
                   dead_letters=moved.dead, delivered_deleted=moved.delivered)
         return moved
 
+    def next_lease_end(self) -> float | None:
+        """Seconds until a row the previous release's worker holds is the mover's (its lease runs out), if any."""
+        if self.done:
+            return None
+        with self._engine.connect() as conn:
+            if not conn.execute(queries.LEGACY_PRESENT).scalar_one():
+                return None
+            return conn.execute(queries.LEGACY_NEXT_LEASE_END).scalar_one()
+
     def _holds_rows(self) -> bool:
         with self._engine.connect() as conn:
             present = conn.execute(queries.LEGACY_PRESENT).scalar_one()

@@ -443,6 +443,12 @@ PURGE_DEAD_BATCH = text(
 
 LEGACY_ANY = text("SELECT EXISTS (SELECT 1 FROM fp_outbox_events_legacy) AS any")
 
+# Seconds until the first lease of a row the previous release's worker still holds runs out (NULL: none held): the
+# mover runs again then, not a whole retention interval later. From the old table's partial index of unfinished rows.
+LEGACY_NEXT_LEASE_END = text(
+    "SELECT extract(epoch FROM min(lease_until) - now())::float8 FROM fp_outbox_events_legacy"
+    " WHERE status = 'in_flight'")
+
 # Pending rows, and rows in flight whose lease expired (their worker, of the previous release, is gone: its settle
 # would meet the new table), become events again, with their id, insert_id, payload and created_at: the fresh path
 # claims them as any other. From the old table's partial index of unfinished rows.

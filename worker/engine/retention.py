@@ -170,6 +170,12 @@ class Retention:
         """The legacy mover's batches alone (at the worker's start: an upgrade's rows should not wait a run)."""
         self._mover.run()
 
+    def next_run_in(self, every: float) -> float:
+        """Seconds to the next run: `every`, or sooner when a row of the previous release's worker comes free (its
+        lease runs out), so the events it left wait for their lease and a second, not for the next interval."""
+        lease_end = self._mover.next_lease_end()
+        return every if lease_end is None else min(every, max(1.0, lease_end + 1.0))
+
     def run(self) -> Purged:
         """One run: the legacy mover's batches, then what is past retention; logged, and returned."""
         self._mover.run()
@@ -221,5 +227,9 @@ def _retain(retention: Retention, every: float, stopping: threading.Event) -> No
                 begun = True
         except SQLAlchemyError as exc:
             event(log, logging.WARNING, "retention failed; trying again later", error=first_line(exc))
-        if stopping.wait(every):
+        try:
+            wait = retention.next_run_in(every)
+        except SQLAlchemyError:
+            wait = every
+        if stopping.wait(wait):
             return
