@@ -126,7 +126,7 @@ CREATE = [
         claimed_at timestamptz NOT NULL DEFAULT now(),
         lease_until timestamptz NOT NULL,
         ids bigint[] NOT NULL,
-        txids xid8[] NOT NULL DEFAULT '{}',       -- fresh: with ids, each event's primary key
+        txids xid8[] NOT NULL DEFAULT '{}',       -- fresh: with ids, each event's primary key (emptied once settled)
         slots smallint[] NOT NULL DEFAULT '{}',   -- fresh: the partitions its events are in
         done bigint[] NOT NULL DEFAULT '{}',      -- settled so far, whatever the outcome
         delivered integer NOT NULL DEFAULT 0,

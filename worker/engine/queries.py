@@ -108,7 +108,9 @@ _LOG_OUTCOMES = """
            SET done = c.done || g.ids, delivered = c.delivered + g.delivered,
                failed_ids = c.failed_ids || g.failed_ids, failed_statuses = c.failed_statuses || g.failed_statuses,
                failed_errors = c.failed_errors || g.failed_errors,
-               settled_at = CASE WHEN cardinality(c.done) + cardinality(g.ids) >= cardinality(c.ids) THEN now() END
+               settled_at = CASE WHEN cardinality(c.done) + cardinality(g.ids) >= cardinality(c.ids) THEN now() END,
+               -- only an open claim needs its events' txids (to find them again); a settled one is rewritten without
+               txids = CASE WHEN cardinality(c.done) + cardinality(g.ids) >= cardinality(c.ids) THEN '{}' ELSE c.txids END
           FROM (SELECT claim_id, array_agg(id) AS ids, count(*) FILTER (WHERE kind = 'delivered') AS delivered,
                        coalesce(array_agg(id) FILTER (WHERE kind <> 'delivered'), '{}') AS failed_ids,
                        coalesce(array_agg(status) FILTER (WHERE kind <> 'delivered'), '{}') AS failed_statuses,
