@@ -22,10 +22,10 @@ from sqlalchemy.orm import Session
 
 import outbox
 from bench import drain, rate
+from bench.churn import bench_churn
 from bench.common import empty_outbox, report
 from bench.common import event as _event
 from bench.common import fresh_backlog as _fresh_backlog
-from bench.churn import bench_churn
 from bench.concurrency import bench_concurrency
 from bench.cycle import bench_cycle
 from bench.horizon import bench_horizon
@@ -33,7 +33,6 @@ from bench.recovery import bench_recovery
 from bench.wal import bench_wal
 from outbox.db import make_engine, normalise_url, upgrade
 from worker.devtools.sink import Sink
-
 
 
 def bench_enqueue(engine, args) -> dict:
