@@ -289,7 +289,7 @@ def main() -> int:
     parser.add_argument("--protocol", choices=["extended", "prepared"], default="extended",
                         help="concurrency: pgbench's query mode for the business transactions and the wake-ups")
     parser.add_argument("--anatomy", action="store_true",
-                        help="concurrency: also time copies of the outbox table without its check and indexes")
+                        help="concurrency: also time copies of the events table without its partitions, txid and slot")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="concurrency: idle worker measured this long")
     args = parser.parse_args()
     if args.rate_limit is None:
