@@ -280,9 +280,10 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="faults: receiver answer delay")
     parser.add_argument("--seconds", type=int, default=15, help="concurrency: seconds per pgbench run")
     parser.add_argument("--horizon-events", type=int, default=150_000, help="horizon: backlog drained per run")
-    parser.add_argument("--churn-events", type=int, default=1_000_000, help="churn: events delivered per run")
-    parser.add_argument("--churn-seconds", type=float, default=60.0, help="churn: seconds of feeding retention")
-    parser.add_argument("--churn-rate", type=float, default=5000.0, help="churn: events enqueued per second")
+    parser.add_argument("--churn-seconds", type=float, default=1800.0, help="churn: seconds of feeding and delivery")
+    parser.add_argument("--churn-rate", type=float, default=0.0,
+                        help="churn: events enqueued per second (0: as fast as the worker delivers)")
+    parser.add_argument("--churn-retain", default="5m", help="churn: the worker's --retain-delivered")
     parser.add_argument("--wal-events", type=int, default=5000, help="wal: events enqueued, each its own transaction")
     parser.add_argument("--app-processes", type=int, default=8,
                         help="concurrency: application processes sending wake-ups (each at most 1/WAKE_INTERVAL)")
