@@ -1,5 +1,5 @@
 """python -m bench NAME [--database-url URL]: figures against a baseline measured in the same run, NAME one of
-enqueue, drain, faults, latency, rate, growth, cycle, concurrency, horizon, churn, recovery.
+enqueue, drain, faults, latency, rate, growth, cycle, concurrency, horizon, churn, recovery, wal.
 
 Without --database-url (or FP_OUTBOX_DATABASE_URL) an embedded PostgreSQL is used.
 """
@@ -22,17 +22,17 @@ from sqlalchemy.orm import Session
 
 import outbox
 from bench import drain, rate
+from bench.churn import bench_churn
 from bench.common import empty_outbox, report
 from bench.common import event as _event
 from bench.common import fresh_backlog as _fresh_backlog
-from bench.churn import bench_churn
 from bench.concurrency import bench_concurrency
 from bench.cycle import bench_cycle
 from bench.horizon import bench_horizon
 from bench.recovery import bench_recovery
+from bench.wal import bench_wal
 from outbox.db import make_engine, normalise_url, upgrade
 from worker.devtools.sink import Sink
-
 
 
 def bench_enqueue(engine, args) -> dict:
@@ -67,8 +67,9 @@ def bench_enqueue(engine, args) -> dict:
             outbox.enqueue_many(session, events)
             session.commit()
             many.append(time.perf_counter() - started)
+    empty_outbox(engine)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events, bench_bare"))
+        conn.execute(text("TRUNCATE bench_bare"))
     return {
         "bare_insert_txn_median_ms": round(bare_ms, 3),
         "enqueue_txn_median_ms": round(enqueue_ms, 3),
@@ -118,8 +119,7 @@ def bench_faults(engine, url: str, args) -> dict:
         figures = sink.counts()
     counts = _status(engine)
     with engine.connect() as conn:
-        reasons = conn.execute(text("SELECT last_error, count(*) FROM fp_outbox_events WHERE status = 'dead'"
-                                    " GROUP BY 1")).all()
+        reasons = conn.execute(text("SELECT last_error, count(*) FROM fp_outbox_dead_letters GROUP BY 1")).all()
     return {
         "committed": len(committed) + len(rejected), "rolled_back": len(rolled_back),
         "lost": len(set(committed) - arrived), "rolled_back_sent": len(set(rolled_back) & arrived),
@@ -161,18 +161,16 @@ def bench_latency(engine, url: str, args) -> dict:
 
 def bench_growth(engine, url: str, args) -> dict:
     """Drain throughput with an empty table, with many delivered rows kept, and at the head of a huge
-    backlog: the partial index should keep the claim's cost flat."""
+    backlog: the claim reads only past the shared position, so neither should change its cost."""
     big = args.big_rows
 
     def fill(status: str, rows: int) -> None:
+        if status == "delivered":
+            _fill_delivered(engine, rows)
+        else:
+            _fill_events(engine, 0, rows)
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, delivered_at)"
-                " SELECT 'filler-' || g, 'Purchase', jsonb_build_object('event', 'Purchase', 'properties',"
-                " jsonb_build_object('distinct_id', 'u' || g, 'time', 1.7e9, '$insert_id', 'filler-' || g)),"
-                " :status, CASE WHEN :status = 'delivered' THEN now() END FROM generate_series(1, :rows) g"),
-                {"status": status, "rows": rows})
-            conn.execute(text("ANALYZE fp_outbox_events"))
+            conn.execute(text("ANALYZE"))
 
     def measure(label: str, backlog_rows: int) -> float:
         if backlog_rows == 0:
@@ -211,6 +209,35 @@ def bench_growth(engine, url: str, args) -> dict:
             "backlog_vs_empty": round(backlog / empty, 3)}
 
 
+FILL_BATCH = 5000  # events per transaction, and per claim, when growth fills the outbox
+
+
+def _fill_events(engine, start: int, rows: int) -> None:
+    """`rows` pending events, FILL_BATCH a transaction (a backlog as applications write it, not one huge one)."""
+    for first in range(start, start + rows, FILL_BATCH):
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO fp_outbox_events (insert_id, event_name, payload)"
+                " SELECT 'filler-' || g, 'Purchase', json_build_object('event', 'Purchase', 'properties',"
+                " json_build_object('distinct_id', 'u' || g, 'time', 1.7e9, '$insert_id', 'filler-' || g))"
+                " FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) g"),
+                {"first": first, "last": min(start + rows, first + FILL_BATCH) - 1})
+
+
+def _fill_delivered(engine, rows: int) -> None:
+    """`rows` delivered events as the workers leave them: the events, claimed past the shared position by the real
+    claim, and one settled claims-log row per batch (tests.storage.delivered_in_bulk, in bulk)."""
+    from tests.storage import claim_fresh, settle_fresh
+
+    for first in range(0, rows, FILL_BATCH):
+        _fill_events(engine, first, min(FILL_BATCH, rows - first))
+        while True:
+            claim_id, ids = claim_fresh(engine, limit=FILL_BATCH)
+            if claim_id is None:
+                break
+            settle_fresh(engine, claim_id, delivered=ids)
+
+
 def _status(engine) -> dict:
     from worker.engine import status_counts
 
@@ -234,7 +261,7 @@ def _database(args):
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("which", choices=["enqueue", "drain", "faults", "latency", "rate", "growth", "cycle",
-                                          "concurrency", "horizon", "churn", "recovery"])
+                                          "concurrency", "horizon", "churn", "recovery", "wal"])
     parser.add_argument("--rounds", type=int, default=1,
                         help="drain: runs of each sender; concurrency: of each variant (interleaved, median)")
     parser.add_argument("--profile", help="drain: then profile one worker with py-spy into PROFILE.txt and .svg")
@@ -253,15 +280,17 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="faults: receiver answer delay")
     parser.add_argument("--seconds", type=int, default=15, help="concurrency: seconds per pgbench run")
     parser.add_argument("--horizon-events", type=int, default=150_000, help="horizon: backlog drained per run")
-    parser.add_argument("--churn-events", type=int, default=1_000_000, help="churn: events delivered per run")
-    parser.add_argument("--churn-seconds", type=float, default=60.0, help="churn: seconds of feeding retention")
-    parser.add_argument("--churn-rate", type=float, default=5000.0, help="churn: events enqueued per second")
+    parser.add_argument("--churn-seconds", type=float, default=1800.0, help="churn: seconds of feeding and delivery")
+    parser.add_argument("--churn-rate", type=float, default=0.0,
+                        help="churn: events enqueued per second (0: as fast as the worker delivers)")
+    parser.add_argument("--churn-retain", default="5m", help="churn: the worker's --retain-delivered")
+    parser.add_argument("--wal-events", type=int, default=5000, help="wal: events enqueued, each its own transaction")
     parser.add_argument("--app-processes", type=int, default=8,
                         help="concurrency: application processes sending wake-ups (each at most 1/WAKE_INTERVAL)")
     parser.add_argument("--protocol", choices=["extended", "prepared"], default="extended",
                         help="concurrency: pgbench's query mode for the business transactions and the wake-ups")
     parser.add_argument("--anatomy", action="store_true",
-                        help="concurrency: also time copies of the outbox table without its check and indexes")
+                        help="concurrency: also time copies of the events table without its partitions, txid and slot")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="concurrency: idle worker measured this long")
     args = parser.parse_args()
     if args.rate_limit is None:
@@ -278,7 +307,8 @@ def main() -> int:
                    "concurrency": lambda: bench_concurrency(engine, plain, args),
                    "horizon": lambda: bench_horizon(engine, plain, args),
                    "churn": lambda: bench_churn(engine, plain, args),
-                   "recovery": lambda: bench_recovery(engine, plain, args)}[args.which]()
+                   "recovery": lambda: bench_recovery(engine, plain, args),
+                   "wal": lambda: bench_wal(engine, plain, args)}[args.which]()
         engine.dispose()
     report(args.which, figures)
     return 0

@@ -1,170 +1,227 @@
-"""python -m bench churn: what delivering events leaves behind, and whether retention keeps pace.
+"""python -m bench churn: whether the outbox keeps its shape while it delivers with retention on (issue 20).
 
-1. Delivery with retention on: a producer enqueues at 5,000 events a second (--churn-rate; 1,000 per
-   transaction) while one in-process worker delivers them (HTTP replaced by a transport answering 200 at
-   once) with --retain-delivered 10s, so retention deletes all the while and autovacuum (its naptime is a
-   minute) gets its turns. Sampled every two seconds: dead
-   tuples (pg_stat_user_tables), table size and index size. Run twice: with the table's own autovacuum
-   settings (migration 0003) and with PostgreSQL's defaults.
-2. Retention's pace: a feeder inserts 5,000 delivered rows a second, all past the cutoff, while the worker's
-   retention (worker.engine.retention.Retention) runs every few seconds; the share of the time it is busy
-   and the old rows left at the end say whether it keeps pace.
+For --churn-seconds (default 1,800) a feeder enqueues --churn-rate events a second (0, the default: as fast as the
+worker delivers, keeping at most BACKLOG waiting) while one worker process, with --retain-delivered --churn-retain
+(default 5m) and no rate limit to speak of, delivers them to the fast receiver (worker.devtools.fast_receiver, a
+process of its own answering 200 at once: the Sink answers about 2,000 requests a second and keeps every request,
+so it would be the limit and grow for 30 minutes). Retention truncates the slots' partitions and purges the claims
+log all the while. Sampled every SAMPLE_EVERY seconds (fewer for a short run, so it still has 30 samples): the size
+of every outbox table with its indexes (the events' partitions summed), the dead tuples of the events' partitions
+and of the claims log and retries (pg_stat_user_tables), and the worker's own /metrics: its delivered count and the
+histogram of its claims' times (fp_outbox_database_call_seconds{call="claim"}).
+
+Windows are fractions of the run, so a short run prints every figure (for 30 minutes: minutes 10-20 against the
+last 10, and 5-minute buckets): the largest size in the last third against the middle third (a plateau: at most
+1.1), the events' most dead tuples (insert-only: near zero), the claim's p99 in each sixth of the run (flat: the
+last like the first), and the events delivered per second.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import itertools
+import math
+import socket
+import subprocess
+import sys
 import threading
 import time
-from datetime import timedelta
+import urllib.request
+from dataclasses import dataclass
 
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import outbox
-from bench.common import InstantTransport, empty_outbox, event
-from outbox.db import MIGRATIONS_DIR
+from bench.common import empty_outbox, event
+from worker.devtools.fast_receiver import ReceiverProcess
 
-FEED_PER_S = 5_000
-RETENTION_EVERY = 5.0  # seconds between retention runs in the pace test (the worker: at most 60)
-SIZES = text("""
-    SELECT coalesce(s.n_dead_tup, 0) AS dead, pg_relation_size('fp_outbox_events') AS table_bytes,
-           pg_indexes_size('fp_outbox_events') AS index_bytes
-      FROM pg_stat_user_tables AS s WHERE s.relname = 'fp_outbox_events'""")
+BACKLOG = 2000  # --churn-rate 0: the feeder keeps at most this many events waiting for the worker
+FEED_BATCH = 1000  # events per enqueue transaction, at most
+SAMPLE_EVERY = 10.0  # seconds between samples, for a run of 300 s or more
+BUCKETS = 6  # the claim's p99 per sixth of the run: 5 minutes of 30
+SIZES = text(r"""
+    SELECT (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class AS c
+             WHERE c.relkind = 'r' AND c.relname LIKE 'fp\_outbox\_%'
+               AND c.relnamespace = CAST(current_schema() AS regnamespace)) AS bytes,
+           coalesce(sum(n_dead_tup) FILTER (WHERE relname LIKE 'fp\_outbox\_events\_s%'), 0) AS events_dead,
+           coalesce(sum(n_dead_tup) FILTER (WHERE relname IN ('fp_outbox_claims', 'fp_outbox_retries')), 0)
+             AS log_dead
+      FROM pg_stat_user_tables WHERE schemaname = current_schema()""")
+
+
+@dataclass(frozen=True)
+class Scraped:
+    """What the worker's /metrics says: events delivered, and its claims' histogram (bound -> claims at most)."""
+
+    delivered: float
+    claim: dict[float, float]
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # seconds since the feeding began
+    bytes: int
+    events_dead: int
+    log_dead: int  # the claims log's and the retries'
+    worker: Scraped
 
 
 def bench_churn(engine, url: str, args) -> dict:
-    """Dead tuples and sizes after delivering, with the shipped autovacuum settings and with the defaults;
-    then retention against 5,000 old delivered rows a second."""
+    """Size, dead tuples and the claim's p99 over a long delivery with retention on; see the module's docstring."""
+    seconds, every = args.churn_seconds, min(SAMPLE_EVERY, args.churn_seconds / 30)
+    empty_outbox(engine)
     with engine.connect() as conn:
         autovacuum = conn.execute(text("SHOW autovacuum")).scalar()
     if autovacuum != "on":
-        print("  autovacuum is off on this server: these figures show the churn with no vacuum at all;"
-              " run without --database-url (an embedded server, autovacuum on) for the settings' effect", flush=True)
-    figures: dict = {"delivered_events": args.churn_events, "enqueued_per_s": args.churn_rate,
-                     "retain_delivered": "10s", "server_autovacuum": autovacuum}
-    shipped = _shipped_autovacuum()
-    for label, options in (("shipped", shipped), ("defaults", None)):
-        _set_autovacuum(engine, shipped, options)
-        delivered = _deliver(engine, url, args.churn_events, args.churn_rate)
-        figures.update({f"{label}_{key}": value for key, value in delivered.items()})
-        print(f"  {label} autovacuum settings: at most {figures[f'{label}_peak_dead_tuples']:,} dead tuples",
-              flush=True)
-    _set_autovacuum(engine, shipped, shipped)
-    figures.update(_retention_pace(engine, args.churn_seconds))
-    return figures
+        print("  autovacuum is off on this server: the claims log and the retries (updated by every settle) are"
+              " never vacuumed here; the events need no vacuum either way", flush=True)
+    port = _free_port()
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    with ReceiverProcess() as receiver:
+        worker = subprocess.Popen(_worker_command(url, receiver.url, args.churn_retain, port),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for(metrics, 60)
+            samples = _run(engine, receiver, metrics, args.churn_rate, seconds, every)
+        finally:
+            worker.terminate()
+            worker.wait(40)
+    return {"seconds": seconds, "enqueued_per_s": args.churn_rate or "as fast as delivered",
+            "retain_delivered": args.churn_retain, "server_autovacuum": autovacuum, "sample_every_s": every,
+            **_figures(samples, seconds)}
 
 
-def _shipped_autovacuum() -> dict[str, str]:
-    path = MIGRATIONS_DIR / "versions" / "0003_light_footprint.py"
-    spec = importlib.util.spec_from_file_location("fp_outbox_0003", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.AUTOVACUUM
+def _worker_command(url: str, endpoint: str, retain: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "worker", "--database-url", url, "--endpoint", endpoint, "--token", "bench-token",
+            "--rate-limit", "1000000", "--retain-delivered", retain, "--retain-dead", "off",
+            "--metrics-port", str(port)]
 
 
-def _set_autovacuum(engine, shipped: dict, options: dict | None) -> None:
-    with engine.begin() as conn:
-        if options:
-            conn.execute(text(f"ALTER TABLE fp_outbox_events SET ({', '.join(f'{k} = {v}' for k, v in options.items())})"))
+def _run(engine, receiver: ReceiverProcess, metrics: str, rate: float, seconds: float, every: float) -> list[Sample]:
+    """Feed for `seconds` while sampling every `every` seconds; the samples, the first at the start."""
+    stop = threading.Event()
+    feeder = threading.Thread(target=_feed, args=(engine, rate, metrics, stop), daemon=True)
+    started = time.monotonic()
+    samples = [_sample(engine, metrics, 0.0)]
+    feeder.start()
+    try:
+        for n in range(1, math.floor(seconds / every + 1e-9) + 1):
+            time.sleep(max(0.0, started + n * every - time.monotonic()))
+            samples.append(_sample(engine, metrics, time.monotonic() - started))
+            receiver.reset()  # the worker counts what was delivered: the receiver's own sets need not grow
+            _progress(samples)
+    finally:
+        stop.set()
+        feeder.join(30)
+    return samples
+
+
+def _feed(engine, rate: float, metrics: str, stop: threading.Event) -> None:
+    """Enqueue until `stop`: `rate` events a second, or (rate 0) whenever fewer than BACKLOG wait."""
+    batch = FEED_BATCH if rate <= 0 else max(1, min(FEED_BATCH, round(rate / 10)))  # ten commits a second at least
+    produced, started = 0, time.monotonic()
+    while not stop.is_set():
+        if rate > 0:
+            room = rate * (time.monotonic() - started) - produced
         else:
-            conn.execute(text(f"ALTER TABLE fp_outbox_events RESET ({', '.join(shipped)})"))
+            room = BACKLOG - (produced - _scrape(metrics).delivered)
+        if room < batch:
+            stop.wait(0.05)
+            continue
+        with Session(engine) as session:
+            outbox.enqueue_many(session, [event(produced + i) for i in range(batch)])
+            session.commit()
+        produced += batch
 
 
-def _deliver(engine, url: str, events: int, rate: float) -> dict:
-    from worker.engine import Worker, build_parser, from_args
-
-    empty_outbox(engine)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM fp_outbox_events"))  # both variants start from the same clean table
-    settings = from_args(build_parser().parse_args(
-        ["--database-url", url, "--rate-limit", "1000000", "--concurrency", "100", "--retain-delivered", "10s",
-         "--retain-dead", "off"]), environ={})
-    transport = InstantTransport()
-    worker = Worker(settings, sender=transport)
-    vacuums_before = _autovacuums(engine)
-    runner = threading.Thread(target=worker.run, daemon=True)
-    samples: list = []
-    started = time.perf_counter()
-    runner.start()
-    produced = 0
-    while transport.sent < events:
-        if produced < min(events, rate * (time.perf_counter() - started)):
-            count = min(1000, events - produced)
-            with Session(engine) as session:
-                outbox.enqueue_many(session, [event(produced + i) for i in range(count)])
-                session.commit()
-            produced += count
-        else:
-            time.sleep(0.01)
-        if not samples or time.perf_counter() - samples[-1][0] >= 2.0:
-            samples.append((time.perf_counter(), _sizes(engine)))
-    seconds = time.perf_counter() - started
-    worker.stop()
-    runner.join(60)
-    worker.engine.dispose()
-    final = _sizes(engine)
-    return {"events_per_s": round(events / seconds), "peak_dead_tuples": max(s.dead for _, s in samples + [(0, final)]),
-            "final_dead_tuples": final.dead, "peak_table_mb": _mb(max(s.table_bytes for _, s in samples + [(0, final)])),
-            "final_table_mb": _mb(final.table_bytes), "final_index_mb": _mb(final.index_bytes),
-            "peak_index_mb": _mb(max(s.index_bytes for _, s in samples + [(0, final)])),
-            "autovacuums": _autovacuums(engine) - vacuums_before}
-
-
-def _sizes(engine):
+def _sample(engine, metrics: str, at: float) -> Sample:
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_stat_clear_snapshot()"))
-        return conn.execute(SIZES).one()
+        row = conn.execute(SIZES).one()
+    return Sample(at, int(row.bytes), int(row.events_dead), int(row.log_dead), _scrape(metrics))
 
 
-def _autovacuums(engine) -> int:
-    with engine.connect() as conn:
-        return conn.execute(text("SELECT autovacuum_count FROM pg_stat_user_tables"
-                                 " WHERE relname = 'fp_outbox_events'")).scalar()
+def _scrape(metrics: str) -> Scraped:
+    with urllib.request.urlopen(metrics, timeout=10) as answer:
+        body = answer.read().decode()
+    delivered, claim = 0.0, {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == "fp_outbox_delivered_total":
+                delivered += sample.value
+            elif sample.name == "fp_outbox_database_call_seconds_bucket" and sample.labels.get("call") == "claim":
+                claim[float(sample.labels["le"])] = sample.value
+    return Scraped(delivered, claim)
+
+
+def _figures(samples: list[Sample], seconds: float) -> dict:
+    """The plateau (last third against middle third), the dead tuples, the claim's p99 per sixth, the rate."""
+    middle = max(s.bytes for s in samples if seconds / 3 <= s.at < 2 * seconds / 3)
+    last = max(s.bytes for s in samples if s.at >= 2 * seconds / 3)
+    p99s = _p99s(samples, seconds / BUCKETS)
+    first, end = samples[0], samples[-1]
+    return {
+        "delivered_events_per_s": round((end.worker.delivered - first.worker.delivered) / (end.at - first.at)),
+        "size_mb_max_middle_third": _mb(middle), "size_mb_max_last_third": _mb(last),
+        "size_last_vs_middle_third": round(last / middle, 3),
+        "events_dead_tuples_max": max(s.events_dead for s in samples),
+        "claims_retries_dead_tuples_max": max(s.log_dead for s in samples),
+        "claims_retries_dead_tuples_at_end": end.log_dead,
+        "claim_p99_ms_per_sixth": p99s,
+        "claim_p99_last_vs_first_sixth": round(p99s[-1] / p99s[0], 3) if p99s[0] and p99s[-1] else None,
+    }
+
+
+def _p99s(samples: list[Sample], width: float) -> list[float | None]:
+    """The claim's p99 (ms) between the samples nearest each bucket's edges."""
+    edges = [min(samples, key=lambda s, k=k: abs(s.at - k * width)) for k in range(BUCKETS + 1)]
+    return [_p99_ms(a.worker.claim, b.worker.claim) for a, b in itertools.pairwise(edges)]
+
+
+def _p99_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The 99th percentile of the claims between two scrapes, interpolated in its bucket as Prometheus's
+    histogram_quantile does (the histogram's buckets are all the worker exports)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = 0.99 * counts[-1]
+    lower = below = 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if math.isinf(bound):
+                return round(lower * 1e3, 3)  # past the last finite bound: that bound, as Prometheus answers
+            return round((lower + (bound - lower) * (rank - below) / (count - below)) * 1e3, 3)
+        lower, below = bound, count
+    return None
+
+
+def _progress(samples: list[Sample]) -> None:
+    s = samples[-1]
+    rate = (s.worker.delivered - samples[-2].worker.delivered) / (s.at - samples[-2].at)
+    print(f"  {s.at:6.0f} s: {_mb(s.bytes)} MB, dead tuples {s.events_dead} (events),"
+          f" {s.log_dead} (claims, retries), {rate:.0f} delivered/s", flush=True)
+
+
+def _wait_for(metrics: str, timeout: float) -> None:
+    """Until the worker serves /metrics (it has started), or SystemExit after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _scrape(metrics)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the worker did not serve {metrics} within {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _mb(size: int) -> float:
     return round(size / 2**20, 1)
-
-
-def _retention_pace(engine, seconds: float) -> dict:
-    """Retention (7 days) against a feeder of 5,000 delivered rows a second, all 8 days old."""
-    from worker.engine.retention import Retention
-
-    empty_outbox(engine)
-    stop = threading.Event()
-    fed = [0]
-    feeder = threading.Thread(target=_feed, args=(engine, stop, fed), daemon=True)
-    retention = Retention(engine, timedelta(days=7), None)
-    busy = deleted = 0.0
-    started = time.perf_counter()
-    feeder.start()
-    while time.perf_counter() - started < seconds:
-        time.sleep(RETENTION_EVERY)
-        run_started = time.perf_counter()
-        deleted += retention.run()[0]
-        busy += time.perf_counter() - run_started
-    stop.set()
-    feeder.join(30)
-    elapsed = time.perf_counter() - started
-    with engine.connect() as conn:
-        left = conn.execute(text("SELECT count(*) FROM fp_outbox_events")).scalar()
-    return {"pace_fed_per_s": round(fed[0] / elapsed), "pace_deleted_per_s": round(deleted / elapsed),
-            "pace_retention_busy_share": round(busy / elapsed, 3),
-            "pace_deletes_per_busy_s": round(deleted / busy) if busy else None,
-            "pace_old_rows_left_at_end": left, "pace_retention_every_s": RETENTION_EVERY}
-
-
-def _feed(engine, stop: threading.Event, fed: list[int]) -> None:
-    """5,000 delivered rows a second, in ten inserts of 500, each delivered 8 days ago."""
-    tick = time.perf_counter()
-    while not stop.is_set():
-        with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO fp_outbox_events (insert_id, event_name, payload, status, created_at, delivered_at)"
-                " SELECT 'fed-' || g, 'Purchase', '{\"event\": \"Purchase\", \"properties\": {}}', 'delivered',"
-                " now() - interval '8 days', now() - interval '8 days' FROM generate_series(1, :n) AS g"),
-                {"n": FEED_PER_S // 10})
-        fed[0] += FEED_PER_S // 10
-        tick += 0.1
-        time.sleep(max(0.0, tick - time.perf_counter()))

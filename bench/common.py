@@ -19,11 +19,20 @@ def event(i: int) -> dict:
     return {"event": "Purchase", "properties": {"distinct_id": f"user-{i % 1000}", "price": 500, "sku": f"sku-{i}"}}
 
 
+OUTBOX_TABLES = "fp_outbox_events, fp_outbox_claims, fp_outbox_retries, fp_outbox_dead_letters"
+
+
 def empty_outbox(engine) -> None:
-    """No events, and the shared rate-limit schedule back at its start."""
+    """No events, no claims, retries or dead letters (nor the previous release's rows), the shared rate-limit
+    schedule back at its start and the endpoint up: each bench starts from what a new install has, whatever ran
+    before it."""
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE fp_outbox_events"))
+        conn.execute(text(f"TRUNCATE {OUTBOX_TABLES}"))
+        if conn.execute(text("SELECT to_regclass('fp_outbox_events_legacy')")).scalar():
+            conn.execute(text("TRUNCATE fp_outbox_events_legacy"))
         conn.execute(text("SELECT setval('fp_outbox_rate_limit_seq', 0)"))
+        conn.execute(text("UPDATE fp_outbox_endpoint SET down_since = NULL, probes = 0, next_probe_at = NULL,"
+                          " probe_owner = NULL, probe_until = NULL, reason = NULL"))
 
 
 def fresh_backlog(engine, events: int, per_transaction: int = 1000) -> list[str]:

@@ -9,8 +9,8 @@ runs, a second pgbench sends the after-commit wake-ups at the most the waker all
 application process) for a stated number of processes, never more than there are connections (a connection
 belongs to one process), and a LISTEN connection takes them, as an idle worker would. Then an idle worker's
 own cost: its database calls and commits per second while nothing is due. With --anatomy, where the rest of
-enqueue's cost goes: the same transaction into copies of the outbox table, each without one more of its
-status check, its dead rows' index and its due index.
+enqueue's cost goes: the same transaction into fp_outbox_events and into copies of it, first unpartitioned, then
+also without its txid and slot columns (its primary key on the id alone, like the plain table's).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import psycopg
 from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
-from bench.common import event
+from bench.common import empty_outbox, event
 from outbox.schema import NOTIFY_CHANNEL
 from outbox.statements import INSERT_ONE
 from outbox.validation import prepare
@@ -80,7 +80,7 @@ def bench_concurrency(engine, url: str, args) -> dict:
             figures.update(_compare(engine, pgbench, libpq, scripts, clients, defines, args))
         figures["wakeups_received_by_listener"] = listener.received
         if args.anatomy:
-            figures.update(anatomy(engine, pgbench, libpq, scratch, defines, args))
+            figures.update(anatomy(engine, pgbench, libpq, scripts, scratch, defines, args))
     _truncate(engine)
     figures.update(idle_worker_statements(engine, url, args))
     return figures
@@ -111,40 +111,37 @@ def _interleaved(engine, pgbench: str, url: str, scripts: dict, kinds: list[str]
     return rates
 
 
-# --anatomy: copies of the outbox table, each without one more of what an insert into it pays for.
+# --anatomy: copies of the events table, each without one more of what an insert into it pays for beyond the plain
+# table's: first the partitions (the row routed to its slot's), then the txid and slot columns (their defaults
+# computed per row) with the primary key they are part of (an id key instead, as the plain table has).
 ANATOMY = {
-    "copy": [],
-    "no_check": ["ALTER TABLE {t} DROP CONSTRAINT fp_outbox_events_status_check"],
-    "no_check_no_dead_index": ["ALTER TABLE {t} DROP CONSTRAINT fp_outbox_events_status_check",
-                               "DROP INDEX {dead_index}"],
-    "primary_key_only": ["ALTER TABLE {t} DROP CONSTRAINT fp_outbox_events_status_check",
-                         "DROP INDEX {dead_index}", "DROP INDEX {due_index}"],
+    "unpartitioned": [],
+    "unpartitioned_no_txid_slot": ["ALTER TABLE {t} DROP COLUMN txid, DROP COLUMN slot, ADD PRIMARY KEY (id)"],
 }
 
 
-def anatomy(engine, pgbench: str, url: str, scratch: str, defines: list[str], args) -> dict:
-    """Where enqueue's cost against the plain table goes: commit rates (no wake-ups) of the same transaction
-    into each copy of the table in ANATOMY, against the plain table, at 32 and 1 connections."""
-    scripts = {"plain": Path(scratch, "plain.sql")}
+def anatomy(engine, pgbench: str, url: str, scripts: dict, scratch: str, defines: list[str], args) -> dict:
+    """Where enqueue's cost against the plain table goes: commit rates (no wake-ups) of the same transaction into
+    fp_outbox_events itself and into each copy in ANATOMY, against the plain table, at 32 and 1 connections."""
+    scripts = {"plain": scripts["plain"], "outbox": scripts["outbox"]}
     with engine.begin() as conn:
         for name, changes in ANATOMY.items():
             table = f"bench_anatomy_{name}"
             conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
             conn.execute(text(f"CREATE TABLE {table} (LIKE fp_outbox_events INCLUDING ALL)"))
-            indexes = dict(conn.execute(text(
-                "SELECT CASE WHEN indexdef LIKE '%(dead_at)%' THEN 'dead_index' ELSE 'due_index' END, indexname"
-                " FROM pg_indexes WHERE tablename = :t AND indexname NOT LIKE '%pkey'"), {"t": table}).all())
             for change in changes:
-                conn.execute(text(change.format(t=table, **indexes)))
+                conn.execute(text(change.format(t=table)))
             scripts[name] = Path(scratch, f"{table}.sql")
             scripts[name].write_text(business_script(insert_into(table)))
     tables = tuple(f"bench_anatomy_{name}" for name in ANATOMY)
+    kinds = ["plain", "outbox_no_wakeups", *ANATOMY]
     figures = {}
     try:
         for clients in (32, 1):
-            rates = _interleaved(engine, pgbench, url, scripts, list(scripts), clients, defines, args, tables)
+            rates = _interleaved(engine, pgbench, url, scripts, kinds, clients, defines, args, tables)
             plain = statistics.median(rates["plain"])
-            ratios = {name: round(statistics.median(rates[name]) / plain, 3) for name in ANATOMY}
+            ratios = {("fp_outbox_events" if name == "outbox_no_wakeups" else name):
+                      round(statistics.median(rates[name]) / plain, 3) for name in kinds[1:]}
             print(f"  anatomy, {clients} connection(s), against the plain table: {ratios}", flush=True)
             figures[f"anatomy_c{clients}_vs_plain"] = ratios
     finally:
@@ -176,8 +173,9 @@ def _run(pgbench: str, url: str, scripts: dict, kind: str, clients: int, defines
 
 
 def _truncate(engine, tables: tuple[str, ...] = ()) -> None:
+    empty_outbox(engine)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE " + ", ".join(("fp_outbox_events", "bench_plain_events", "bench_orders", *tables))))
+        conn.execute(text("TRUNCATE " + ", ".join(("bench_plain_events", "bench_orders", *tables))))
     with engine.connect() as conn:  # each run starts from the same clean state
         conn.execute(text("CHECKPOINT"))
 

@@ -44,6 +44,7 @@ def bench_horizon(engine, url: str, args) -> dict:
         held = _drain(engine, url, events, held=report)
         print(f"  snapshot held: last third {held['last_third_per_s']:,.0f}/s", flush=True)
         more = _drain(engine, url, 2 * events - held["delivered"] + CLAIM_SAMPLES * 25, held=report, keep=True)
+        dead = _dead_tuples(engine)  # while the snapshot still holds them
         report.rollback()
     first = statistics.median(held["claim_ms"][:CLAIM_SAMPLES])
     after = statistics.median(more["claim_ms"][-CLAIM_SAMPLES:])
@@ -60,7 +61,7 @@ def bench_horizon(engine, url: str, args) -> dict:
         "sweeps": len(sweeps), "sweep_ms_median": round(statistics.median(sweeps), 1) if sweeps else None,
         "sweep_ms_max": round(max(sweeps), 1) if sweeps else None,
         "sweep_share_of_time": round(sum(sweeps) / 1e3 / (held["seconds"] + more["seconds"]), 4),
-        "dead_tuples_at_end": _dead_tuples(engine),
+        **dead,
     }
 
 
@@ -96,10 +97,10 @@ def _timed(store, name: str) -> list[float]:
     durations: list[float] = []
     call = getattr(store, name)
 
-    def timed(*args):
+    def timed(*args, **kwargs):
         started = time.perf_counter()
         try:
-            return call(*args)
+            return call(*args, **kwargs)
         finally:
             durations.append((time.perf_counter() - started) * 1e3)
 
@@ -119,11 +120,16 @@ def _enqueue_more(engine, events: int) -> None:
             session.commit()
 
 
-def _dead_tuples(engine) -> int | None:
+def _dead_tuples(engine) -> dict:
+    """Dead tuples left under the held snapshot: the events' (summed over their partitions; insert-only, so none
+    are expected) apart from the claims log's and the retries' (which claims and settles do update)."""
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_stat_clear_snapshot()"))
-        return conn.execute(text("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'fp_outbox_events'"
-                                 )).scalar()
+        row = conn.execute(text(
+            "SELECT coalesce(sum(n_dead_tup) FILTER (WHERE relname LIKE 'fp\\_outbox\\_events\\_s%'), 0) AS events,"
+            " coalesce(sum(n_dead_tup) FILTER (WHERE relname IN ('fp_outbox_claims', 'fp_outbox_retries')), 0)"
+            " AS claims_and_retries FROM pg_stat_user_tables")).one()
+    return {"events_dead_tuples_at_end": int(row.events), "claims_retries_dead_tuples_at_end": int(row.claims_and_retries)}
 
 
 __all__ = ["bench_horizon", "empty_outbox"]

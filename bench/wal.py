@@ -16,7 +16,7 @@ import json
 import time
 from datetime import timedelta
 
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.orm import Session
 
 import outbox
@@ -79,7 +79,7 @@ def _enqueue(engine, count: int, sample: dict) -> None:
 def _deliver(url: str) -> None:
     from worker.engine import Worker
 
-    worker = Worker(settings(url, "http://127.0.0.1:9/track", "--drain", "--retain-delivered", "off",
+    worker = Worker(settings(make_url(url), "http://127.0.0.1:9/track", "--drain", "--retain-delivered", "off",
                              "--retain-dead", "off"), sender=InstantTransport())
     drain(worker, timeout=600)
 
