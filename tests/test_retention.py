@@ -18,7 +18,8 @@ from sqlalchemy import text
 from tests.conftest import REPO
 from tests.storage import (backdate_claim, claim_due, claim_fresh, dead_letter, enqueue, far_slot, settle_due,
                            settle_fresh, states)
-from worker.engine.retention import Retention, purge_dead
+from outbox.schema import SLOTS
+from worker.engine.retention import RETENTION_EVERY, Retention, purge_dead
 
 HOUR = timedelta(hours=1)
 
@@ -178,13 +179,25 @@ def test_with_retention_delivered_off_nothing_of_the_delivered_goes(aged):
 
 def test_the_start_sets_the_slot_period_from_the_retention(aged):
     retention = Retention(aged, timedelta(days=1), None)
-    assert retention.begin() == pytest.approx(86400 / 14)
+    assert retention.begin() == pytest.approx((86400 + 120) / 15)
     with aged.connect() as conn:
         period = conn.execute(text("SELECT period_s FROM fp_outbox_slot_period")).scalar_one()
-    assert period == pytest.approx(86400 / 14)
+    assert period == pytest.approx((86400 + 120) / 15)
     assert Retention(aged, None, None).begin() is None  # off: the period is left as it is
     with aged.begin() as conn:  # put the default back for the other tests of this module
         conn.execute(text("SELECT fp_outbox_set_slot_period(7 * 86400)"))
+
+
+@pytest.mark.parametrize("retain_s", [2, 30, 60, 300, 900, 3600, 86400, 7 * 86400])
+def test_a_slot_past_retention_has_two_retention_runs_before_it_comes_round(aged, retain_s):
+    """Once a slot's newest event is past --retain-delivered, the slot must be truncated before it is written again
+    (SLOTS periods after its own began): with a window shorter than retention's interval, a run misses it, the slot
+    takes a second period's events and waits a whole round more (bench churn grew past its plateau so)."""
+    with aged.begin() as conn:
+        period = conn.execute(text("SELECT fp_outbox_set_slot_period(:r)"), {"r": retain_s}).scalar_one()
+        conn.execute(text("SELECT fp_outbox_set_slot_period(7 * 86400)"))
+    every = min(RETENTION_EVERY, max(1.0, retain_s / 2))  # as start_retention runs it
+    assert (SLOTS - 1) * period - retain_s >= 2 * every, period
 
 
 def test_nothing_in_the_engine_deletes_from_the_event_table():
