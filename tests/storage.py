@@ -215,7 +215,7 @@ def states(engine: Engine) -> dict[int, str]:
 def set_slot_period(engine: Engine, period_s: float, since_ago: str = "30 days") -> None:
     """The slot period as a worker would set it, with `since` moved into the past (as if set long ago)."""
     with engine.begin() as conn:
-        conn.execute(text("SELECT fp_outbox_set_slot_period(:retain_s)"), {"retain_s": period_s * 15 - 120})
+        conn.execute(text("SELECT fp_outbox_set_slot_period(:retain_s)"), {"retain_s": period_s * 14 if period_s >= 120 else max(0.0, period_s * 15 - 120)})
         conn.execute(text("UPDATE fp_outbox_slot_period SET since = now() - CAST(:ago AS interval)"),
                      {"ago": since_ago})
 

@@ -179,10 +179,10 @@ def test_with_retention_delivered_off_nothing_of_the_delivered_goes(aged):
 
 def test_the_start_sets_the_slot_period_from_the_retention(aged):
     retention = Retention(aged, timedelta(days=1), None)
-    assert retention.begin() == pytest.approx((86400 + 120) / 15)
+    assert retention.begin() == pytest.approx(86400 / 14)
     with aged.connect() as conn:
         period = conn.execute(text("SELECT period_s FROM fp_outbox_slot_period")).scalar_one()
-    assert period == pytest.approx((86400 + 120) / 15)
+    assert period == pytest.approx(86400 / 14)
     assert Retention(aged, None, None).begin() is None  # off: the period is left as it is
     with aged.begin() as conn:  # put the default back for the other tests of this module
         conn.execute(text("SELECT fp_outbox_set_slot_period(7 * 86400)"))

@@ -32,10 +32,11 @@ SLOTS = 16  # partitions; a slot comes round again after SLOTS periods
 #: The advisory lock that makes reading the fresh path's position and writing the next one a single step:
 #: b"fpoclaim" as a bigint (the rate limiter's is b"fpoutbox").
 CLAIM_LOCK = 0x66706F636C61696D
-# After a slot's newest event passes retention, retention has this long to truncate it before the slot comes round
-# again: two of its runs (at most a minute apart), so a run that misses it (a busy lock) leaves the next one time.
+# After a slot's newest event passes retention, retention has at least this long (and at least a period) to
+# truncate it before the slot comes round again: two of its runs (at most a minute apart), so a run that misses it
+# (a busy lock) leaves the next one time.
 TRUNCATE_WINDOW_S = 120.0
-DEFAULT_PERIOD_S = (7 * 86400 + TRUNCATE_WINDOW_S) / (SLOTS - 1)  # a week's retention (the default)
+DEFAULT_PERIOD_S = 7 * 86400 / (SLOTS - 2)  # a week's retention (the default): a window of a whole period
 LOCK_TRIES, LOCK_TIMEOUT = 30, "2s"  # at most 2 s of enqueues queued behind each try for the old table's lock
 
 
@@ -259,14 +260,14 @@ CREATE = [
     END $fn$""",
     # Retention's period follows --retain-delivered: a slot is truncated once its newest event is past it, and
     # must be empty again before it comes round (SLOTS periods after its own began): (SLOTS - 1) periods must hold
-    # the retention and TRUNCATE_WINDOW_S, else a slot whose window retention missed takes a second period's events
-    # and waits a whole round more. Owned by the migrating role, so the worker's role needs no DDL rights. Returns
+    # the retention and a window of a period, at least TRUNCATE_WINDOW_S, else a slot whose window retention missed
+    # takes a second period's events and waits a whole round more. Owned by the migrating role, so the worker's role needs no DDL rights. Returns
     # the period in effect.
     f"""
     CREATE FUNCTION fp_outbox_set_slot_period(p_retain_s float8) RETURNS float8
     LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $fn$
     DECLARE
-        v_want float8 := greatest(10.0, (p_retain_s + {TRUNCATE_WINDOW_S}) / {SLOTS - 1});
+        v_want float8 := greatest(10.0, p_retain_s / {SLOTS - 2}, (p_retain_s + {TRUNCATE_WINDOW_S}) / {SLOTS - 1});
         v_have float8;
     BEGIN
         SELECT period_s INTO v_have FROM fp_outbox_slot_period FOR UPDATE;
