@@ -37,7 +37,7 @@ STATUSES = ("pending", "in_flight", "delivered", "dead")
 SLOTS = 16
 
 #: The Alembic revision this release's schema is at, and so what its worker understands.
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 
 
 class Xid8(UserDefinedType):
@@ -74,7 +74,8 @@ def compared_by_alembic(name: str) -> bool:
     return not (name.startswith("fp_outbox_events_s") and name[len("fp_outbox_events_s"):].isdigit())
 
 # The events, insert-only: enqueue's one row each, never updated; partitioned by slot (the transaction's start
-# time over a period, modulo SLOTS: fp_outbox_slot(), inlined into the insert) so that retention truncates
+# time over a period, modulo SLOTS: the column's default is that expression with the period written in, set by
+# fp_outbox_set_slot_period, migration 0008; fp_outbox_slot() is the same for readers) so that retention truncates
 # whole partitions (fp_outbox_events_s00 ... s15). The primary key is the one index: the claim reads it in
 # (txid, id) order. json, not jsonb: the text is kept verbatim, so what validation measured is what is sent.
 events = Table(
@@ -82,7 +83,8 @@ events = Table(
     metadata,
     Column("id", BigInteger, Identity(always=False), nullable=False),
     Column("txid", Xid8, nullable=False, server_default=text("pg_current_xact_id()")),
-    Column("slot", SmallInteger, nullable=False, server_default=text("fp_outbox_slot()")),
+    Column("slot", SmallInteger, nullable=False,  # as migrated, for the default week's period of 12 hours
+           server_default=text(f"((floor(extract(epoch FROM now()) / 43200.0))::bigint % {SLOTS})::smallint")),
     Column("insert_id", Text, nullable=False),
     Column("event_name", Text, nullable=False),
     Column("payload", JSON, nullable=False),

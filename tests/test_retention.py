@@ -205,3 +205,78 @@ def test_nothing_in_the_engine_deletes_from_the_event_table():
     engine_sql = "\n".join(path.read_text() for path in (REPO / "worker" / "engine").glob("*.py"))
     assert not re.search(r"DELETE\s+FROM\s+fp_outbox_events\b(?!_)", engine_sql, re.I)
     assert not re.search(r"UPDATE\s+fp_outbox_events\b(?!_)", engine_sql, re.I)
+
+
+def _slot_default(engine) -> str:
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef AS d JOIN pg_attribute AS a"
+            " ON a.attrelid = d.adrelid AND a.attnum = d.adnum"
+            " WHERE d.adrelid = 'fp_outbox_events'::regclass AND a.attname = 'slot'")).scalar_one()
+
+
+def _inserted_slot_and_function(engine) -> tuple[int, int, int]:
+    """An event's slot as enqueue's insert gives it, fp_outbox_slot() and the slot by the period in force, all in the
+    same transaction (rolled back), so the same instant."""
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "INSERT INTO fp_outbox_events (insert_id, event_name, payload) VALUES ('slot-probe', 'x', '{}')"
+            " RETURNING slot, fp_outbox_slot() AS function, (SELECT ((floor(extract(epoch FROM now()) / period_s))"
+            "::bigint % 16)::smallint FROM fp_outbox_slot_period) AS by_period")).one()
+        conn.rollback()
+    return row.slot, row.function, row.by_period
+
+
+@pytest.mark.parametrize("retain_s", [60, 86400])
+def test_enqueues_insert_computes_its_slot_without_calling_a_function(aged, retain_s):
+    """The slot default was fp_outbox_slot(): a SQL function, looked up, parsed and inlined at every plan of
+    enqueue's INSERT (planned at each execution when unprepared: psycopg's first five, always behind PgBouncer), which
+    cost about as much backend CPU as the rest of the row. The default is the expression, and stays equal to the
+    function (its readers') through a change of period."""
+    try:
+        with aged.begin() as conn:
+            period = conn.execute(text("SELECT fp_outbox_set_slot_period(:r)"), {"r": retain_s}).scalar_one()
+        assert period == pytest.approx(max(10.0, retain_s / 14, (retain_s + 120) / 15))
+        assert "fp_outbox" not in _slot_default(aged)
+        slot, function, by_period = _inserted_slot_and_function(aged)
+        assert slot == function == by_period
+    finally:
+        with aged.begin() as conn:
+            conn.execute(text("SELECT fp_outbox_set_slot_period(7 * 86400)"))
+
+
+def test_a_period_change_waits_for_an_enqueuing_transaction_half_a_second_at_most(aged):
+    """Setting the default takes the events' table lock: while a business transaction that enqueued is open, the
+    period stays as it was (enqueues queue behind the try for 0.5 s at most), and the next retention run sets it."""
+    with aged.connect() as conn:
+        before = conn.execute(text("SELECT period_s FROM fp_outbox_slot_period")).scalar_one()
+    holder = aged.connect()
+    try:
+        holder.execute(text("INSERT INTO fp_outbox_events (insert_id, event_name, payload) VALUES ('held', 'x', '{}')"))
+        started = time.monotonic()
+        retention = Retention(aged, timedelta(seconds=60), None)
+        assert retention.begin() == before and time.monotonic() - started < 2.0
+        assert len(set(_inserted_slot_and_function(aged))) == 1
+    finally:
+        holder.rollback()
+        holder.close()
+    try:
+        retention.run()  # the worker's next retention run: the table is free now
+        with aged.connect() as conn:
+            assert conn.execute(text("SELECT period_s FROM fp_outbox_slot_period")).scalar_one() == pytest.approx(12)
+        assert len(set(_inserted_slot_and_function(aged))) == 1
+    finally:
+        with aged.begin() as conn:
+            conn.execute(text("SELECT fp_outbox_set_slot_period(7 * 86400)"))
+
+
+def test_the_claims_log_and_the_retries_are_vacuumed_as_they_churn(aged):
+    """Both are written at the delivery rate (a claim's row rewritten as it settles, then deleted by retention; a
+    retry per failed attempt): autovacuum's default visit after 20 % of the table let a five-minute retention's
+    claims log carry 50,000 dead rows and grow for half an hour (bench churn)."""
+    with aged.connect() as conn:
+        options = dict(conn.execute(text(
+            "SELECT c.relname, c.reloptions FROM pg_class AS c"
+            " WHERE c.relname IN ('fp_outbox_claims', 'fp_outbox_retries')")).all())
+    for table in ("fp_outbox_claims", "fp_outbox_retries"):
+        assert "autovacuum_vacuum_scale_factor=0.01" in (options[table] or []), (table, options[table])

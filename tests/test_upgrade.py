@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from outbox.db import make_engine, upgrade
+from outbox.schema import SCHEMA_REVISION
 from tests.conftest import (
     TOKEN,
     create_database,
@@ -184,14 +185,14 @@ def _with_schema(engine, revision: str, oldest_worker_revision: str) -> None:
 @pytest.fixture
 def schema_restored(clean):
     """The module's database, its schema marked as another revision by the test, marked back afterwards."""
-    from outbox.schema import SCHEMA_REVISION
-
+    with clean.connect() as conn:
+        revision, oldest = conn.execute(text("SELECT revision, oldest_worker_revision FROM fp_outbox_schema_compat")).one()
     yield clean
-    _with_schema(clean, SCHEMA_REVISION, SCHEMA_REVISION)
+    _with_schema(clean, revision, oldest)
 
 
 def test_a_newer_schema_that_stays_compatible_keeps_the_worker_delivering(schema_restored, db_url, sink, workers):
-    _with_schema(schema_restored, "0099", "0007")
+    _with_schema(schema_restored, "0099", SCHEMA_REVISION)
     ids = enqueue_events(schema_restored, 5)
     worker = workers(db_url, sink.url, "--poll-interval", "0.2")
     assert sink.wait_for(lambda s: set(ids) <= {r.insert_id for r in s.accepted()}, 30), worker.output()
@@ -204,7 +205,7 @@ def test_a_newer_schema_that_no_longer_works_with_the_worker_stops_it_with_exit_
     worker = workers(db_url, sink.url)
     assert worker.wait(30) == 5, worker.output()
     output = worker.output()
-    assert "newer than this worker understands (0007)" in output and "upgrade fp-outbox" in output
+    assert f"newer than this worker understands ({SCHEMA_REVISION})" in output and "upgrade fp-outbox" in output
     assert "Traceback" not in output and len([line for line in output.splitlines() if "level=error" in line]) == 1
 
 

@@ -150,6 +150,7 @@ class Retention:
         _check(batch_size, 1)
         self._engine, self._delivered, self._dead, self._batch_size = engine, delivered, dead, batch_size
         self._mover = LegacyMover(engine, delivered, batch_size)
+        self._period: float | None = None  # the slot period in force, as the last try to set it answered
 
     @property
     def finished(self) -> bool:
@@ -160,11 +161,19 @@ class Retention:
         """At the worker's start: the slot period follows --retain-delivered; returns it (None: retention off)."""
         if self._delivered is None:
             return None
+        self._follow_period()
+        return self._period
+
+    def _follow_period(self) -> None:
+        """Run the database's setter of the period; logged when the period in force changes. The setter leaves the
+        period as it is while a transaction writing events holds the table (half a second at most): each run
+        tries again."""
         with self._engine.begin() as conn:
             period = conn.execute(queries.SET_SLOT_PERIOD, {"retain_s": self._delivered.total_seconds()}).scalar_one()
-        event(log, logging.INFO, "retention: slot period set", period_s=round(period, 1),
-              retain_delivered_s=self._delivered.total_seconds())
-        return period
+        if period != self._period:
+            event(log, logging.INFO, "retention: slot period set", period_s=round(period, 1),
+                  retain_delivered_s=self._delivered.total_seconds())
+            self._period = period
 
     def move_legacy(self) -> None:
         """The legacy mover's batches alone (at the worker's start: an upgrade's rows should not wait a run)."""
@@ -181,6 +190,8 @@ class Retention:
         self._mover.run()
         purged = Purged()
         if self._delivered is not None:
+            if self._period is not None:  # begun: the period follows the retention, once the table lets it
+                self._follow_period()
             purged = purge_delivered(self._engine, self._delivered, self._batch_size)
         if self._dead is not None:
             purged = replace(purged, dead=purge_dead(self._engine, self._dead, self._batch_size, sys.maxsize))
