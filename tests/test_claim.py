@@ -80,6 +80,26 @@ def test_a_claim_and_a_settle_take_one_round_trip_each(clean, db_url, tmp_path):
     assert status_of(clean) == {"delivered": 5}
 
 
+def test_a_settle_of_deliveries_alone_sends_the_statement_of_the_claims_log_alone(clean, db_url, tmp_path):
+    """The settle that also copies failed events into the retries and the dead letters joins the events' 16
+    partitions twice, and is planned at every execution (no prepared statements, for PgBouncer): 0.9 ms of the
+    server's planning a settle, against 0.26 ms for the claims log alone. Nearly every settle is deliveries only:
+    it sends the lighter statement; one with a failure among them, the whole one."""
+    ids = _enqueue(clean, 4)
+    engine = make_engine(db_url, pool_pre_ping=False)
+    _trace_what_is_sent(engine, tmp_path / "trace")
+    store = Store(engine, "me", 30.0)
+    rows, _ = store.claim_fresh(10, 1e6)
+    assert store.settle(_delivered(rows[:2])) == 2
+    assert store.settle([Settled(rows[2], "delivered", 200), Settled(rows[3], "dead", 400, "bad")]) == 2
+    engine.dispose()
+    settles = [message for message in _sent(tmp_path / "trace") if "fp-outbox settle fresh" in message]
+    assert len(settles) == 2, settles
+    assert "fp_outbox_dead_letters" not in settles[0] and "fp_outbox_events" not in settles[0], settles[0]
+    assert "fp_outbox_dead_letters" in settles[1]
+    assert status_of(clean) == {"delivered": 3, "dead": 1} and len(ids) == 4
+
+
 def test_a_hand_written_row_without_insert_id_is_sent_with_its_column(clean, db_url, sink):
     by_hand = '{"event": "Manual", "properties": {"distinct_id": "u", "time": 1.7e9}}'
     with clean.begin() as conn:

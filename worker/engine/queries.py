@@ -130,17 +130,19 @@ _OUTCOMES = """
 # was settled as expired, and its events went to the retries). Delivered events cost the log's row and nothing
 # else; a failed one becomes a retries row (attempts 1, or 0 when not counted: an outage, a release at shutdown),
 # a dead one a dead letter, both copied from the event's row in SQL (never the payload as a parameter).
-SETTLE_FRESH = text(
-    f"""
+_SETTLE_FRESH = """
     /* fp-outbox settle fresh */
-    WITH {_OUTCOMES},
+    WITH {outcomes},
     held_claims AS (
         SELECT id, done FROM fp_outbox_claims
          WHERE id IN (SELECT claim_id FROM u) AND owner = :owner AND kind = 'fresh' AND settled_at IS NULL
            FOR UPDATE),
     held_outcomes AS (  -- not done yet: settling the same outcome again (a retry after a lost reply) changes nothing
         SELECT u.* FROM u JOIN held_claims AS c ON c.id = u.claim_id WHERE u.id <> ALL (c.done)),
-    {_LOG_OUTCOMES},
+    {log}{failed}
+    SELECT count(*) AS held FROM held_outcomes
+    """
+_COPY_FAILED = """,
     retried AS (
         INSERT INTO fp_outbox_retries (id, insert_id, event_name, payload, created_at, trace_context, attempts,
                                        next_attempt_at, last_status, last_error)
@@ -157,10 +159,12 @@ SETTLE_FRESH = text(
           FROM held_outcomes AS h JOIN fp_outbox_events AS e ON e.txid = h.txid AND e.id = h.id
          WHERE h.kind = 'dead'
             ON CONFLICT (id) DO NOTHING
-     RETURNING 1)
-    SELECT count(*) AS held FROM held_outcomes
-    """
-)
+     RETURNING 1)"""
+SETTLE_FRESH = text(_SETTLE_FRESH.format(outcomes=_OUTCOMES, log=_LOG_OUTCOMES, failed=_COPY_FAILED))
+# The same when every outcome is a delivery (nearly every settle): the claims log alone. Statements are planned at
+# every execution (no prepared statements, for PgBouncer), and the copies' joins over the events' 16 partitions
+# made the planning 0.9 ms a settle; without them 0.26 ms.
+SETTLE_FRESH_DELIVERED = text(_SETTLE_FRESH.format(outcomes=_OUTCOMES, log=_LOG_OUTCOMES, failed=""))
 
 # Settling due claims: only retries rows this worker still holds, leased by this claim (owner and attempt:
 # an outcome of an earlier claim of the same row never applies). Delivered: the row stays, delivered; retry: back to waiting

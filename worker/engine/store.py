@@ -194,8 +194,11 @@ class Store:
         """Write outcomes of this worker's claims (fresh and due ones, one statement each); returns how many it still
         held. Raises StatementRefused when the database refuses a statement for what it carries."""
         held = 0
-        for statement, group in ((queries.SETTLE_FRESH, [o for o in outcomes if o.row.fresh]),
-                                 (queries.SETTLE_DUE, [o for o in outcomes if not o.row.fresh])):
+        fresh = [o for o in outcomes if o.row.fresh]
+        fresh_statement = (queries.SETTLE_FRESH_DELIVERED if all(o.kind == "delivered" for o in fresh)
+                           else queries.SETTLE_FRESH)
+        due = [o for o in outcomes if not o.row.fresh]
+        for statement, group in ((fresh_statement, fresh), (queries.SETTLE_DUE, due)):
             if group:
                 held += self._settle(statement, group)
         return held
