@@ -147,6 +147,30 @@ def test_old_claims_rows_go_in_id_ordered_batches_but_never_the_latest_fresh_one
     assert [tuple(row) for row in left] == [(fresh_id, "fresh")]  # the position stays
 
 
+@pytest.mark.parametrize("first_id", [30_000, 2_147_480_000])
+def test_the_claims_log_is_purged_whatever_its_ids(aged, first_id):
+    """psycopg sends a Python int as the smallest integer type that holds it: from claim id 27,768 on, the walk's
+    `from_id + batch_size` (smallint + smallint) overflowed, every purge failed, and the claims log grew without end
+    (bench churn: 220,000 rows, 120 MB, for a five-minute retention). Near 2**31 the same with integers."""
+    with aged.begin() as conn:
+        conn.execute(text(f"ALTER TABLE fp_outbox_claims ALTER COLUMN id RESTART WITH {first_id}"))
+    try:
+        slot = far_slot(aged)
+        claims = []
+        for _ in range(3):
+            ids = enqueue(aged, 2, slot=slot)
+            claim_id, _ = claim_fresh(aged)
+            settle_fresh(aged, claim_id, delivered=ids)
+            claims.append(claim_id)
+        for claim_id in claims:
+            backdate_claim(aged, claim_id, "2 hours")
+        assert min(claims) >= first_id
+        assert Retention(aged, HOUR, None).run().claims == 2  # all but the latest fresh claim (the position)
+    finally:
+        with aged.begin() as conn:
+            conn.execute(text("ALTER TABLE fp_outbox_claims ALTER COLUMN id RESTART WITH 1"))
+
+
 def test_claims_past_retention_stay_while_unsettled(aged):
     ids = enqueue(aged, 2, slot=far_slot(aged))
     claim_id, _ = claim_fresh(aged)

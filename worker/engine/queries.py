@@ -390,13 +390,14 @@ FIRST_CLAIM = text("SELECT min(id) AS id FROM fp_outbox_claims")
 # ids from `from_id` and deletes the settled ones settled before the cutoff, never the latest fresh claim (it holds
 # the shared position, however old: an idle outbox keeps it). The walk is `done` at a batch that holds a claim
 # taken after the cutoff (the rest are younger still), or at the end of the log: its cost follows what it deletes.
+# The sum is of bigints: psycopg sends a Python int as the smallest type that holds it (smallint up to 32,767).
 PURGE_CLAIMS_BATCH = text(
     """
     WITH latest AS (
         SELECT id FROM fp_outbox_claims WHERE kind = 'fresh' ORDER BY id DESC LIMIT 1),
     doomed AS (
         SELECT id FROM fp_outbox_claims
-         WHERE id >= :from_id AND id < :from_id + :batch_size
+         WHERE id >= :from_id AND id < CAST(:from_id AS bigint) + CAST(:batch_size AS bigint)
            AND settled_at < now() - make_interval(secs => CAST(:older_than_s AS float8))
            AND id NOT IN (SELECT id FROM latest)
            FOR UPDATE SKIP LOCKED),
@@ -404,9 +405,10 @@ PURGE_CLAIMS_BATCH = text(
         DELETE FROM fp_outbox_claims AS c USING doomed WHERE c.id = doomed.id RETURNING c.id)
     SELECT (SELECT count(*) FROM deleted) AS deleted,
            EXISTS (SELECT 1 FROM fp_outbox_claims
-                    WHERE id >= :from_id AND id < :from_id + :batch_size
+                    WHERE id >= :from_id AND id < CAST(:from_id AS bigint) + CAST(:batch_size AS bigint)
                       AND claimed_at >= now() - make_interval(secs => CAST(:older_than_s AS float8)))
-           OR NOT EXISTS (SELECT 1 FROM fp_outbox_claims WHERE id >= :from_id + :batch_size) AS done
+           OR NOT EXISTS (SELECT 1 FROM fp_outbox_claims
+                           WHERE id >= CAST(:from_id AS bigint) + CAST(:batch_size AS bigint)) AS done
     """
 )
 
