@@ -115,7 +115,7 @@ def test_a_live_lease_waits_for_its_expiry_and_the_end_is_said_once(upgraded, ca
         retention.run()
     assert [r.getMessage() for r in caplog.records].count(
         "legacy table empty: fp_outbox_events_legacy holds no rows of the previous release any more "
-        "(the next release's migration drops it)") == 1
+        "(a later release's migration drops it)") == 1
 
 
 def test_with_retention_off_the_delivered_rows_wait_for_a_purge(upgraded):

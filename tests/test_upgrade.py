@@ -27,8 +27,10 @@ from tests.conftest import (
     wait_until,
 )
 
-# The previous release: its tag once tags exist, else the commit it was cut from.
-PREVIOUS_RELEASE = ("v0.1.0", "af1df3d")
+# The releases before this one: each its tag, else the commit it was cut from (tags do not always reach a clone).
+# 0.1.0 had the previous storage (0001-0003), 0.2.0 the insert-only one (0007).
+RELEASE_0_1 = ("v0.1.0", "af1df3d")
+RELEASE_0_2 = ("v0.2.0", "dcee508")
 REPO = Path(__file__).resolve().parent.parent
 MAX_COMMIT_WAIT = 3.0  # seconds: "no commit of the application waits more than a few seconds"
 
@@ -39,14 +41,14 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
-def _previous_release(tmp: Path) -> Path:
-    """The previous release's source, from git, built into a wheel and installed into a fresh virtual
+def _previous_release(tmp: Path, release: tuple[str, str] = RELEASE_0_1) -> Path:
+    """A previous release's source, from git, built into a wheel and installed into a fresh virtual
     environment whose dependencies are this test run's; returns that environment's python."""
-    ref = next((r for r in PREVIOUS_RELEASE
+    ref = next((r for r in release
                 if subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "-q", f"{r}^{{commit}}"],
                                   capture_output=True).returncode == 0), None)
     if ref is None:
-        pytest.fail(f"the previous release ({' or '.join(PREVIOUS_RELEASE)}) is not in this clone's history; "
+        pytest.fail(f"the release {' or '.join(release)} is not in this clone's history; "
                     "clone with history (not --depth 1)")
     source = tmp / "previous"
     source.mkdir()
@@ -149,6 +151,45 @@ def test_the_previous_release_keeps_enqueueing_through_migrate_and_nothing_is_lo
         assert wait_until(lambda: set(status_of(engine)) <= {"delivered"}, max(float(lease_left), 0.0) + 20), \
             (status_of(engine), new_workers[0].output())
         engine.dispose()
+    finally:
+        for process in processes:
+            process.close()
+        drop_database(server_url, url)
+
+
+def test_the_last_release_keeps_enqueueing_and_delivering_through_this_migrate(tmp_path, server_url, sink):
+    """0.2.0 (schema 0007) to this release: expand-only, so its application and its worker (retention on, which
+    sets the slot period through the database's own function) keep running through `migrate` and after it, beside
+    this release's workers; nothing lost, no commit waits more than a few seconds, the old worker never stops."""
+    old_python = _previous_release(tmp_path, RELEASE_0_2)
+    url = create_database(server_url)
+    processes: list[Process] = []
+    try:
+        _run([str(old_python.parent / "fp-outbox"), "migrate", "--database-url", url_string(url)], cwd=tmp_path)
+        committed, stop = tmp_path / "committed.jsonl", tmp_path / "stop"
+        app = Process([str(old_python), "-c", APPLICATION, url_string(url), str(committed), str(stop)],
+                      tmp_path / "app.log")
+        old_worker = _worker(old_python, url, sink.url, tmp_path / "old-worker.log", "--retain-delivered", "1h")
+        processes += [app, old_worker]
+        assert sink.wait_for(lambda s: len(s.accepted()) >= 20, 60), (app.output(), old_worker.output())
+        assert upgrade(url) == SCHEMA_REVISION  # this release's migrate, while both run
+        migrated = _count(committed)
+        assert wait_until(lambda: _count(committed) >= migrated + 50, 60), app.output()  # still enqueueing
+        after = _read(committed)[0][migrated:]
+        assert sink.wait_for(lambda s: set(after) <= {r.insert_id for r in s.accepted()}, 60), old_worker.output()
+        assert old_worker.proc.poll() is None, old_worker.output()  # the old worker delivered them: still running
+        new_worker = _worker(Path(sys.executable), url, sink.url, tmp_path / "new-worker.log", "--retain-delivered",
+                             "1h")
+        processes.append(new_worker)
+        assert wait_until(lambda: _count(committed) >= migrated + 100, 60), app.output()
+        stop.touch()
+        assert app.proc.wait(30) == 0, app.output()
+        ids, waits = _read(committed)
+        assert sink.wait_for(lambda s: set(ids) <= {r.insert_id for r in s.accepted()}, 60), \
+            (len(set(ids) - {r.insert_id for r in sink.accepted()}), new_worker.output())
+        assert max(waits) < MAX_COMMIT_WAIT, max(waits)
+        assert old_worker.proc.poll() is None, old_worker.output()
+        assert "Traceback" not in old_worker.output() + new_worker.output()
     finally:
         for process in processes:
             process.close()
