@@ -10,11 +10,13 @@ application process) for a stated number of processes, never more than there are
 belongs to one process), and a LISTEN connection takes them, as an idle worker would. Then an idle worker's
 own cost: its database calls and commits per second while nothing is due. With --anatomy, where the rest of
 enqueue's cost goes: the same transaction into fp_outbox_events and into copies of it, first unpartitioned, then
-also without its txid and slot columns (its primary key on the id alone, like the plain table's).
+also without its txid and slot columns (its primary key on the id alone, like the plain table's). Beside the
+commit rates, steadier than they are on shared cores: the server's own CPU per event insert, into each table.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
@@ -79,6 +81,7 @@ def bench_concurrency(engine, url: str, args) -> dict:
         for clients in (32, 1):
             figures.update(_compare(engine, pgbench, libpq, scripts, clients, defines, args))
         figures["wakeups_received_by_listener"] = listener.received
+        figures.update(statement_cpu(engine, libpq, ["bench_plain_events", "fp_outbox_events"], args))
         if args.anatomy:
             figures.update(anatomy(engine, pgbench, libpq, scripts, scratch, defines, args))
     _truncate(engine)
@@ -144,10 +147,51 @@ def anatomy(engine, pgbench: str, url: str, scripts: dict, scratch: str, defines
                       round(statistics.median(rates[name]) / plain, 3) for name in kinds[1:]}
             print(f"  anatomy, {clients} connection(s), against the plain table: {ratios}", flush=True)
             figures[f"anatomy_c{clients}_vs_plain"] = ratios
+        figures.update(statement_cpu(engine, url, ["bench_plain_events", "fp_outbox_events", *tables], args))
     finally:
         with engine.begin() as conn:
             conn.execute(text("DROP TABLE IF EXISTS " + ", ".join(tables)))
     return figures
+
+
+STATEMENT_CPU_INSERTS = 20_000  # inserts per measurement, 50 a transaction
+
+
+def statement_cpu(engine, url: str, tables: list[str], args) -> dict:
+    """Backend CPU (the server process's own, from /proc) per event insert, enqueue's statement unprepared (parsed
+    and planned at each execution), into each of `tables`, medians of --rounds interleaved: what the row costs the
+    server, free of the commit's flush and of the CPU the other connections and pgbench take (the commit rates on
+    2 shared cores swing by a fifth from run to run). Needs the server on this host; else says so."""
+    insert_id, name, payload = prepare(event(1))
+    values = {"insert_id": insert_id, "event_name": name, "payload": payload}
+    spent: dict[str, list[float]] = {table: [] for table in tables}
+    for _round in range(args.rounds):
+        for table in tables:
+            _truncate(engine, tuple(t for t in tables if t not in ("fp_outbox_events", "bench_plain_events")))
+            sql = INSERT_ONE.psycopg.replace("fp_outbox_events", table)
+            with psycopg.connect(url, prepare_threshold=None) as conn:
+                stat = Path(f"/proc/{conn.info.backend_pid}/stat")
+                if not stat.exists():
+                    return {"statement_cpu": "the server runs on another host: its backends' CPU is not visible"}
+                for n in range(STATEMENT_CPU_INSERTS):
+                    if n == 200:  # past the connection's warm-up (catalog caches)
+                        conn.commit()
+                        before = _cpu_seconds(stat)
+                    conn.execute(sql, values)
+                    if n % 50 == 49:
+                        conn.commit()
+                conn.commit()
+                spent[table].append((_cpu_seconds(stat) - before) / (STATEMENT_CPU_INSERTS - 200) * 1e6)
+    medians = {table: statistics.median(us) for table, us in spent.items()}
+    print("  backend CPU per insert: " + ", ".join(f"{t} {us:.1f} µs" for t, us in medians.items()), flush=True)
+    return {"backend_cpu_us_per_insert": {t: round(us, 1) for t, us in medians.items()},
+            "backend_cpu_per_insert_runs": {t: [round(us, 1) for us in v] for t, v in spent.items()}}
+
+
+def _cpu_seconds(stat: Path) -> float:
+    """A process's user and system CPU time so far (/proc/PID/stat fields 14 and 15)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _run(pgbench: str, url: str, scripts: dict, kind: str, clients: int, defines: list[str], args) -> float:
