@@ -16,6 +16,7 @@ KINDS: dict[int, tuple[str, str]] = {
     id(queries.CLAIM_FRESH): ("claim", "fresh"),
     id(queries.CLAIM_DUE): ("claim", "due"),
     id(queries.SETTLE_FRESH): ("settle", "fresh"),
+    id(queries.SETTLE_FRESH_DELIVERED): ("settle", "fresh"),  # the same settle, deliveries alone
     id(queries.SETTLE_DUE): ("settle", "due"),
     id(queries.RECOVER_EXPIRED): ("recover", "expired"),
     id(queries.ACQUIRE_PERMITS): ("rate_limit", "permits"),
