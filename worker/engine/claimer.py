@@ -50,7 +50,7 @@ class Claimer:
         try:
             rows, grant = self.paths.claim(1 if probe else min(free, self._permits.chunk), self._permits.rate, probe,
                                            down=self._endpoint.down)
-            self._health.ok()
+            self._health.ok(wrote=bool(rows))  # an empty claim writes nothing: it proves no end of read-only
         except DatabaseUnavailable as exc:
             self._health.trouble(exc)
             return 0  # anything claimed comes back when its lease expires (the probe lease too)

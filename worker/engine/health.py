@@ -26,10 +26,11 @@ class DatabaseHealth:
         self.failures = 0
         self.read_only_since: float | None = None  # time.monotonic() of the first read-only refusal in a row
 
-    def ok(self) -> None:
-        """A database step succeeded."""
+    def ok(self, wrote: bool = True) -> None:
+        """A database step succeeded. Only one that wrote proves a read-only database takes writes again: a claim
+        that found nothing wrote nothing, and succeeds on a read-only one too."""
         self.failures = 0
-        if self.read_only_since is not None:
+        if self.read_only_since is not None and wrote:
             event(log, logging.INFO, "the database accepts writes again; delivering",
                   read_only_s=round(time.monotonic() - self.read_only_since, 1))
             self._set_read_only(None)
