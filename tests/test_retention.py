@@ -121,14 +121,20 @@ def test_the_current_and_young_slots_are_left_alone_silently(aged, caplog):
     assert not [r for r in caplog.records if "kept past retention" in r.getMessage()]
 
 
+def _settled_claims(engine, count: int, slot: int) -> list[int]:
+    """`count` fresh claims of two events each in `slot`, each settled delivered; their ids."""
+    claims = []
+    for _ in range(count):
+        ids = enqueue(engine, 2, slot=slot)
+        claim_id, _ = claim_fresh(engine)
+        settle_fresh(engine, claim_id, delivered=ids)
+        claims.append(claim_id)
+    return claims
+
+
 def test_old_claims_rows_go_in_id_ordered_batches_but_never_the_latest_fresh_one(aged):
     slot = far_slot(aged)
-    claims = []
-    for _ in range(7):
-        ids = enqueue(aged, 2, slot=slot)
-        claim_id, _ = claim_fresh(aged)
-        settle_fresh(aged, claim_id, delivered=ids)
-        claims.append(claim_id)
+    claims = _settled_claims(aged, 7, slot)
     retry = enqueue(aged, 1, slot=slot)
     fresh_id, _ = claim_fresh(aged)
     settle_fresh(aged, fresh_id, retry=retry)
@@ -155,13 +161,7 @@ def test_the_claims_log_is_purged_whatever_its_ids(aged, first_id):
     with aged.begin() as conn:
         conn.execute(text(f"ALTER TABLE fp_outbox_claims ALTER COLUMN id RESTART WITH {first_id}"))
     try:
-        slot = far_slot(aged)
-        claims = []
-        for _ in range(3):
-            ids = enqueue(aged, 2, slot=slot)
-            claim_id, _ = claim_fresh(aged)
-            settle_fresh(aged, claim_id, delivered=ids)
-            claims.append(claim_id)
+        claims = _settled_claims(aged, 3, far_slot(aged))
         for claim_id in claims:
             backdate_claim(aged, claim_id, "2 hours")
         assert min(claims) >= first_id
