@@ -37,7 +37,7 @@ STATUSES = ("pending", "in_flight", "delivered", "dead")
 SLOTS = 16
 
 #: The Alembic revision this release's schema is at, and so what its worker understands.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 
 
 class Xid8(UserDefinedType):
@@ -74,8 +74,8 @@ def compared_by_alembic(name: str) -> bool:
     return not (name.startswith("fp_outbox_events_s") and name[len("fp_outbox_events_s"):].isdigit())
 
 # The events, insert-only: enqueue's one row each, never updated; partitioned by slot (the transaction's start
-# time over a period, modulo SLOTS: the column's default is that expression with the period written in, set by
-# fp_outbox_set_slot_period, migration 0008; fp_outbox_slot() is the same for readers) so that retention truncates
+# time over a period, modulo SLOTS: the column's default is fp_outbox_slot(), a PL/pgSQL function with the period
+# written in, replaced by fp_outbox_set_slot_period, migration 0009; readers call it too) so that retention truncates
 # whole partitions (fp_outbox_events_s00 ... s15). The primary key is the one index: the claim reads it in
 # (txid, id) order. json, not jsonb: the text is kept verbatim, so what validation measured is what is sent.
 events = Table(
@@ -83,8 +83,7 @@ events = Table(
     metadata,
     Column("id", BigInteger, Identity(always=False), nullable=False),
     Column("txid", Xid8, nullable=False, server_default=text("pg_current_xact_id()")),
-    Column("slot", SmallInteger, nullable=False,  # as migrated, for the default week's period of 12 hours
-           server_default=text(f"((floor(extract(epoch FROM now()) / 43200.0))::bigint % {SLOTS})::smallint")),
+    Column("slot", SmallInteger, nullable=False, server_default=text("fp_outbox_slot()")),
     Column("insert_id", Text, nullable=False),
     Column("event_name", Text, nullable=False),
     Column("payload", JSON, nullable=False),
@@ -206,3 +205,4 @@ endpoint = Table(
 # written only by the SQL functions fp_outbox_take_permits and fp_outbox_pause_permits (migration 0003), and
 # fp_outbox_reset_permits, which puts it back to the database's clock after a clock step (migration 0004).
 rate_limit_sequence = Sequence("fp_outbox_rate_limit_seq", metadata=metadata, minvalue=0, start=0)
+

@@ -28,9 +28,9 @@ from tests.conftest import (
 )
 
 # The releases before this one: each its tag, else the commit it was cut from (tags do not always reach a clone).
-# 0.1.0 had the previous storage (0001-0003), 0.2.0 the insert-only one (0007).
+# 0.1.0 had the previous storage (0001-0003), 0.2.0 the insert-only one (0007), 0.3.0 its slot default (0008).
 RELEASE_0_1 = ("v0.1.0", "af1df3d")
-RELEASE_0_2 = ("v0.2.0", "dcee508")
+RELEASE_0_3 = ("v0.3.0", "8daa901")
 REPO = Path(__file__).resolve().parent.parent
 MAX_COMMIT_WAIT = 3.0  # seconds: "no commit of the application waits more than a few seconds"
 
@@ -158,10 +158,10 @@ def test_the_previous_release_keeps_enqueueing_through_migrate_and_nothing_is_lo
 
 
 def test_the_last_release_keeps_enqueueing_and_delivering_through_this_migrate(tmp_path, server_url, sink):
-    """0.2.0 (schema 0007) to this release: expand-only, so its application and its worker (retention on, which
-    sets the slot period through the database's own function) keep running through `migrate` and after it, beside
+    """The last release, 0.3.0 (schema 0008), to this one: expand-only, so its application and its worker (retention
+    on, which sets the slot period through the database's own function) keep running through `migrate` and after it, beside
     this release's workers; nothing lost, no commit waits more than a few seconds, the old worker never stops."""
-    old_python = _previous_release(tmp_path, RELEASE_0_2)
+    old_python = _previous_release(tmp_path, RELEASE_0_3)
     url = create_database(server_url)
     processes: list[Process] = []
     try:
