@@ -206,3 +206,7 @@ endpoint = Table(
 # fp_outbox_reset_permits, which puts it back to the database's clock after a clock step (migration 0004).
 rate_limit_sequence = Sequence("fp_outbox_rate_limit_seq", metadata=metadata, minvalue=0, start=0)
 
+# Until when (epoch milliseconds, the database's clock) some worker idles listening for wake-ups (migration 0009):
+# raised by an idle worker (fp_outbox_listening), read by the applications' wake-up (fp_outbox_wake), which
+# notifies only while it lies ahead. A sequence for the same reason as the rate limiter's: written in place.
+listening_sequence = Sequence("fp_outbox_listening_seq", metadata=metadata, minvalue=0, start=0)

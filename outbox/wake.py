@@ -2,8 +2,11 @@
 
 A NOTIFY inside the business transaction makes PostgreSQL take one cluster-wide lock at that
 transaction's commit, held through the commit's flush, so every enqueuing transaction on the server
-would commit one at a time. `enqueue` therefore writes a plain INSERT, and the wake-up
-(`SELECT pg_notify('fp_outbox', '')`) is sent afterwards, on a connection of its own:
+would commit one at a time. `enqueue` therefore writes a plain INSERT, and the wake-up is sent afterwards, on a
+connection of its own: `SELECT fp_outbox_wake()` (migration 0009), which NOTIFYs only while the moment an idle
+worker said it listens until (fp_outbox_listening) lies ahead, and otherwise reads one row. Busy workers claim
+again on their own; a NOTIFY for them would be a transaction with its own commit and flush, and a signal to every
+listener. On a schema before 0009 (the application upgraded before `fp-outbox migrate`) it is the NOTIFY itself.
 
 - SQLAlchemy `Session` / `AsyncSession`: from an `after_commit` listener, once the commit is done.
 - SQLAlchemy `Connection` / `AsyncConnection`: their only hook, `ConnectionEvents.commit`, fires just
@@ -33,6 +36,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, scoped_session
 
 from outbox.schema import NOTIFY_CHANNEL
@@ -44,7 +48,10 @@ COMMIT_GRACE = 0.010
 #: A waker thread with nothing to do for this long ends; the next commit starts another.
 IDLE_EXIT = 60.0
 
-WAKE_SQL = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+WAKE_SQL = "SELECT fp_outbox_wake()"
+#: The wake-up on a schema before 0009, which has no fp_outbox_wake().
+UNCONDITIONAL_WAKE_SQL = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+UNDEFINED_FUNCTION = "42883"
 
 _PENDING = "fp_outbox_wake_pending"  # session.info / connection.info: this transaction enqueued
 _WAKE_UP = "fp_outbox_wake_up"  # session.info: how to wake this session's engine, once listening
@@ -260,12 +267,28 @@ def _never_fail(wake_up: Callable[..., None], *args: float) -> None:
 
 def _notify(engine: Engine) -> None:
     with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(WAKE_SQL)
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            conn.exec_driver_sql(WAKE_SQL)
+        except DBAPIError as exc:
+            if _sqlstate(exc) != UNDEFINED_FUNCTION:
+                raise
+            conn.exec_driver_sql(UNCONDITIONAL_WAKE_SQL)
 
 
 async def _notify_async(async_engine: Any) -> None:
     async with async_engine.connect() as conn:
-        await (await conn.execution_options(isolation_level="AUTOCOMMIT")).exec_driver_sql(WAKE_SQL)
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            await conn.exec_driver_sql(WAKE_SQL)
+        except DBAPIError as exc:
+            if _sqlstate(exc) != UNDEFINED_FUNCTION:
+                raise
+            await conn.exec_driver_sql(UNCONDITIONAL_WAKE_SQL)
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    return getattr(getattr(exc, "orig", exc), "sqlstate", None)
 
 
 def _log_once(failing: bool, exc: Exception) -> bool:
@@ -286,15 +309,15 @@ def wake_workers(conn: Any) -> None:
     database error: waking is best effort.
     """
     psycopg = _psycopg_for(conn, "Connection", "wake_workers")
+    autocommit = conn.autocommit
     try:
-        if conn.autocommit:
+        conn.autocommit = True  # a transaction of its own, never the caller's
+        try:
             conn.execute(WAKE_SQL)
-        else:  # a transaction of its own, never the caller's
-            conn.autocommit = True
-            try:
-                conn.execute(WAKE_SQL)
-            finally:
-                conn.autocommit = False
+        except psycopg.errors.UndefinedFunction:
+            conn.execute(UNCONDITIONAL_WAKE_SQL)
+        finally:
+            conn.autocommit = autocommit
     except psycopg.Error as exc:
         _log_once(False, exc)
 
@@ -302,15 +325,15 @@ def wake_workers(conn: Any) -> None:
 async def wake_workers_async(conn: Any) -> None:
     """`wake_workers` for a psycopg `AsyncConnection`."""
     psycopg = _psycopg_for(conn, "AsyncConnection", "wake_workers_async")
+    autocommit = conn.autocommit
     try:
-        if conn.autocommit:
+        await conn.set_autocommit(True)
+        try:
             await conn.execute(WAKE_SQL)
-        else:
-            await conn.set_autocommit(True)
-            try:
-                await conn.execute(WAKE_SQL)
-            finally:
-                await conn.set_autocommit(False)
+        except psycopg.errors.UndefinedFunction:
+            await conn.execute(UNCONDITIONAL_WAKE_SQL)
+        finally:
+            await conn.set_autocommit(autocommit)
     except psycopg.Error as exc:
         _log_once(False, exc)
 

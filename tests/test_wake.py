@@ -32,14 +32,27 @@ def conninfo(url) -> str:
     return url_string(url.set(drivername="postgresql"))
 
 
-class Listener:
-    """A real LISTEN connection on the outbox channel, timing each notification as it arrives."""
+def set_idle_flag(url, seconds: float | None) -> None:
+    """Say, as an idle worker does, that a listener waits for `seconds` from now; None: nobody idles (the flag down,
+    as the owner may set it)."""
+    with psycopg.connect(conninfo(url), autocommit=True) as conn:
+        if seconds is None:
+            conn.execute("SELECT setval('fp_outbox_listening_seq', 0)")
+        else:
+            conn.execute("SELECT fp_outbox_listening(%s)", (seconds,))
 
-    def __init__(self, url) -> None:
+
+class Listener:
+    """A real LISTEN connection on the outbox channel, timing each notification as it arrives; unless told
+    otherwise it says it idles (fp_outbox_listening) as a worker does before it waits, until it closes."""
+
+    def __init__(self, url, idle: bool = True) -> None:
         self.arrivals: list[float] = []
         self.payloads: list[str] = []
+        self._url, self._idle = url, idle
         self._conn = psycopg.connect(conninfo(url), autocommit=True)
         self._conn.execute(f"LISTEN {wake.NOTIFY_CHANNEL}")
+        set_idle_flag(url, 3600 if idle else None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -54,6 +67,8 @@ class Listener:
         self._stop.set()
         self._thread.join(5)
         self._conn.close()
+        if self._idle:
+            set_idle_flag(self._url, None)
 
 
 @pytest.fixture
@@ -166,7 +181,9 @@ async def _commit_async_and_wait(db_url, sink, timeout: float) -> tuple[str, boo
 
 
 def test_a_commit_wakes_an_idle_worker_long_before_its_next_poll(fresh_engine, db_url, sink, workers):
-    # The worker polls every 30 s; only a wake-up can bring an event within seconds.
+    # The worker polls every 30 s; only a wake-up can bring an event within seconds, and the applications wake only
+    # when a worker has said it idles.
+    set_idle_flag(db_url, None)
     worker = workers(db_url, sink.url, "--poll-interval", "30")
     assert wait_until(lambda: _worker_is_listening(fresh_engine), 30), worker.output()
     with Session(fresh_engine) as session:
@@ -175,6 +192,41 @@ def test_a_commit_wakes_an_idle_worker_long_before_its_next_poll(fresh_engine, d
     assert wait_until(lambda: received(sink, insert_id), 5), worker.output()
     insert_id, arrived = asyncio.run(_commit_async_and_wait(db_url, sink, 5))
     assert arrived, worker.output()
+
+
+def test_no_notification_is_sent_while_no_worker_idles(fresh_engine, db_url):
+    """Busy workers claim again on their own: a wake-up then is a NOTIFY nobody needs (a transaction with its own
+    commit and flush, and a signal to every listener; 0.064 of the commit rate at 32 connections). The application's
+    wake-up notifies only while a worker has said it idles, up to the moment it said."""
+    set_idle_flag(db_url, None)
+    listener = Listener(db_url, idle=False)  # listening, as a busy worker's connection does, but not idle
+    try:
+        waker_sends = []
+        sa_event.listen(fresh_engine, "before_cursor_execute",
+                        lambda conn, cursor, statement, *args: waker_sends.append(statement)
+                        if statement == wake.WAKE_SQL else None)
+        with Session(fresh_engine) as session:
+            outbox.enqueue(session, purchase())
+            session.commit()
+        assert wait_until(lambda: waker_sends, 5)  # the waker did its part
+        time.sleep(0.3)
+        assert listener.payloads == []
+        set_idle_flag(db_url, 1.0)  # a worker idles for the next second
+        time.sleep(wake.WAKE_INTERVAL)
+        with Session(fresh_engine) as session:
+            outbox.enqueue(session, purchase())
+            session.commit()
+        assert wait_until(lambda: listener.payloads, 5)
+        time.sleep(1.0)  # the moment it said has passed: nobody idles any more
+        count = len(listener.payloads)
+        with Session(fresh_engine) as session:
+            outbox.enqueue(session, purchase())
+            session.commit()
+        assert wait_until(lambda: len(waker_sends) == 3, 5)
+        time.sleep(0.3)
+        assert len(listener.payloads) == count
+    finally:
+        listener.close()
 
 
 def test_a_rollback_wakes_nobody(fresh_engine, listener, db_url):
@@ -352,3 +404,32 @@ def test_wake_workers_async_on_a_psycopg_async_connection(db_url, clean, listene
 
     asyncio.run(scenario())
     assert wait_until(lambda: len(listener.arrivals) == 1, 5)
+
+
+def test_before_the_schema_has_fp_outbox_wake_the_wake_up_is_the_notify_itself(server_url):
+    """An application upgraded before `fp-outbox migrate` reached 0009: there is no fp_outbox_wake() yet, so its
+    wake-ups are the plain NOTIFY, from every kind of handle, and still never fail the caller."""
+    from alembic import command
+
+    from outbox.db import alembic_config
+    from tests.conftest import create_database, drop_database
+
+    url = create_database(server_url)
+    engine = make_engine(url)
+    try:
+        command.upgrade(alembic_config(url), "0008")
+        with psycopg.connect(conninfo(url), autocommit=True) as listening:
+            listening.execute(f"LISTEN {wake.NOTIFY_CHANNEL}")
+            with Session(engine) as session:
+                outbox.enqueue(session, purchase())
+                session.commit()
+            assert len(list(listening.notifies(timeout=5, stop_after=1))) == 1
+            with psycopg.connect(conninfo(url)) as conn:
+                outbox.enqueue(conn, purchase())
+                conn.commit()
+                outbox.wake_workers(conn)
+                assert conn.execute("SELECT count(*) FROM fp_outbox_events").fetchone()[0] == 2  # still usable
+            assert len(list(listening.notifies(timeout=5, stop_after=1))) == 1
+    finally:
+        engine.dispose()
+        drop_database(server_url, url)

@@ -1,4 +1,5 @@
-"""enqueue's insert computes its slot in one call of a PL/pgSQL function, and a change of period takes no lock.
+"""enqueue's insert computes its slot in one call of a PL/pgSQL function, a change of period takes no lock, and the
+applications' wake-ups notify only while a worker idles.
 
 - 0008 made the slot default the expression itself, ((floor(extract(epoch FROM now()) / period))::bigint % 16)
   ::smallint: seven functions, each looked up, checked and set up at every plan of enqueue's INSERT, which is
@@ -11,6 +12,15 @@
   fp_outbox_slot(): no ALTER TABLE, so no lock on the events' table, and a business transaction that enqueued and
   stays open no longer holds the period back. Retention's arithmetic is unchanged: truncation locks the partition
   and checks that every event in it was claimed and settled, whatever the period its rows were written under.
+- The wake-up an application sends after its commit (outbox.wake) was a NOTIFY each time: a transaction with its own
+  xid, commit record and flush, and a signal to every listening worker, at most one per 25 ms per application
+  process (320 a second for 8 processes), whether or not any worker was waiting. At 32 connections it cost the
+  application 0.064 of its commit rate (bench concurrency: 0.853x against 0.917x without). A worker about to idle
+  now says so first (fp_outbox_listening: "I listen until then", in a sequence, which is written in place and
+  outside transactions), then claims once more, then waits; the application's wake-up is fp_outbox_wake(), which
+  notifies only while that moment lies ahead, and otherwise is a read of one row. Busy workers claim again on
+  their own and need no wake-up. Both functions are SECURITY DEFINER, so neither role needs a grant on the sequence.
+
 Expand-only for the previous releases (0007, 0008): their workers call the database's own fp_outbox_set_slot_period,
 unchanged, and read fp_outbox_slot() as before. ALTER COLUMN SET DEFAULT takes the events' table lock for a moment:
 taken under lock_timeout 2 s with retries, so enqueue waits 2 s at most behind a try.
@@ -76,7 +86,31 @@ BEGIN
 END $$"""
 
 
+# Until when (epoch milliseconds, the database's clock) some worker idles listening for wake-ups: the latest any
+# worker announced. Only ever raised, under an advisory lock, so two workers going idle at once keep the later.
+LISTENING = [
+    "CREATE SEQUENCE fp_outbox_listening_seq MINVALUE 0 START 0",
+    """
+    CREATE FUNCTION fp_outbox_listening(p_seconds float8) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $fn$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(hashtext('fp_outbox_listening_seq'));
+        PERFORM setval('fp_outbox_listening_seq',
+                       greatest(s.last_value, (extract(epoch FROM clock_timestamp()) * 1000 + p_seconds * 1000)::bigint))
+          FROM fp_outbox_listening_seq AS s;
+    END $fn$""",
+    """
+    CREATE FUNCTION fp_outbox_wake() RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $fn$
+        SELECT pg_notify('fp_outbox', '') FROM fp_outbox_listening_seq AS s
+         WHERE s.last_value > extract(epoch FROM clock_timestamp()) * 1000
+    $fn$""",
+]
+
+
 def upgrade() -> None:
+    for statement in LISTENING:
+        op.execute(statement)
     op.execute(APPLY_PERIOD)
     op.execute(_with_lock_retries(LOCKED_STEP["upgrade"]))
     op.execute("UPDATE fp_outbox_schema_compat SET revision = '0009'")  # 0007's and 0008's workers work with it
@@ -86,3 +120,6 @@ def downgrade() -> None:
     op.execute("UPDATE fp_outbox_schema_compat SET revision = '0008'")
     op.execute(APPLY_PERIOD_0008)
     op.execute(_with_lock_retries(LOCKED_STEP["downgrade"]))
+    op.execute("DROP FUNCTION fp_outbox_wake()")
+    op.execute("DROP FUNCTION fp_outbox_listening(float8)")
+    op.execute("DROP SEQUENCE fp_outbox_listening_seq")

@@ -121,7 +121,9 @@ class Worker:
             event(log, logging.INFO, "drained: nothing pending or in flight")
             return False
         else:
-            self._listener.wait(self.settings.poll_interval.total_seconds())
+            poll = self.settings.poll_interval.total_seconds()
+            if not self._listener.announce(poll):  # said just now: claim once more, then wait
+                self._listener.wait(poll)
         return True
 
     def _unfinished(self) -> bool:
