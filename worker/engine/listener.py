@@ -2,11 +2,7 @@
 polling whenever LISTEN does not deliver (PgBouncer's transaction pooling gives no session to listen in).
 A self-addressed probe (NOTIFY a unique payload from another connection, see it arrive) proves LISTEN works,
 on connecting and every REPROBE_EVERY seconds; the log says once which of the two is in use.
-
-The applications wake the workers only while one has said it idles (fp_outbox_listening, migration 0009; see
-outbox.wake): before an idle wait the worker says so, for IDLE_SPAN waits ahead and again before that runs out,
-and claims once more after saying it, so that an event committed before the applications could see it is not
-left for the next poll. A polling worker never says it: no wake-up reaches it."""
+The applications wake only workers that said they idle (worker.engine.idleflag)."""
 
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ import logging
 import time
 
 import psycopg
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.engine.logs import event, first_line, log
@@ -26,11 +22,8 @@ RETRY_CONNECT_AFTER = 5.0  # seconds before listening again after the connection
 # A wake-up can come just before the commit it announces is visible (SQLAlchemy Connection's hook fires
 # before the commit): after one whose claim found nothing, claim again at +10, +30 and +70 ms.
 REPOLLS = (0.01, 0.03, 0.07)
-IDLE_SPAN = 3  # an idle worker says it listens for this many of its waits ahead
-IDLE_MARGIN = 0.5  # seconds: and says it again once less than one wait and this is left
 MAX_READS = 1000  # reads per drain at most (about 16 MB of notifications), so a flood cannot hold the loop
 _ERRORS = (psycopg.Error, SQLAlchemyError, OSError)
-ANNOUNCE_IDLE = text("SELECT fp_outbox_listening(CAST(:seconds AS float8))")
 
 
 class Listener:
@@ -45,25 +38,10 @@ class Listener:
         self._next_try = 0.0  # monotonic time of the next probe (or, while polling, of the next try)
         self._probe: tuple[str, float] | None = None  # the payload awaited, and by when
         self._repoll_at: list[float] = []
-        self._idle_until = 0.0  # monotonic time until which this worker last said it listens
 
-    def announce(self, timeout: float) -> bool:
-        """Before an idle wait of `timeout` seconds: while LISTEN works, make sure the applications wake this worker
-        throughout it. True when it was said just now: claim once more before waiting (an event committed before
-        the applications could see it had no wake-up sent)."""
-        if self._listening() is None:
-            return False
-        now = time.monotonic()
-        if self._idle_until - now > timeout + IDLE_MARGIN:
-            return False
-        try:
-            with self._engine.begin() as conn:
-                conn.execute(ANNOUNCE_IDLE, {"seconds": IDLE_SPAN * timeout})
-        except _ERRORS as exc:  # wake-ups are best effort: the poll finds the event all the same
-            event(log, logging.DEBUG, "could not say this worker idles; it polls", error=first_line(exc))
-            return False
-        self._idle_until = now + IDLE_SPAN * timeout
-        return True
+    def delivers(self) -> bool:
+        """Whether wake-ups reach this worker now: LISTEN works (the connection opened and probed when due)."""
+        return self._listening() is not None
 
     def wait(self, timeout: float) -> None:
         """Idle for up to `timeout` seconds: until a notification (or a re-poll is due) or the stop signal,

@@ -18,6 +18,7 @@ from worker.engine.endpoint import Endpoint
 from worker.engine.health import DatabaseHealth
 from worker.engine.inflight import InFlight
 from worker.engine.lifecycle import finish_or_release, wait_for_database
+from worker.engine.idleflag import IdleFlag
 from worker.engine.listener import Listener
 from worker.engine.logs import event, log
 from worker.engine.metrics import Metrics
@@ -67,6 +68,7 @@ class Worker:
                                self._stopping, self.endpoint)
         self.services = SideServices(settings, self.engine, self.metrics, self._stopping)
         self._listener = Listener(self.engine, self._stopping, self.deadlines.guard)
+        self._idle = IdleFlag(self.engine)
         self._stopping.also_while_waiting(self._listener.drain)
         self.totals = self.settler.totals
         self._stopped_at = 0.0  # time.monotonic() of the stop
@@ -122,7 +124,7 @@ class Worker:
             return False
         else:
             poll = self.settings.poll_interval.total_seconds()
-            if not self._listener.announce(poll):  # said just now: claim once more, then wait
+            if not (self._listener.delivers() and self._idle.say(poll)):  # said just now: claim once more first
                 self._listener.wait(poll)
         return True
 
