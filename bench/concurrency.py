@@ -130,9 +130,12 @@ def _interleaved(engine, pgbench: str, url: str, scripts: dict, kinds: list[str]
 
 # --anatomy: copies of the events table, each without one more of what an insert into it pays for beyond the plain
 # table's: first the partitions (the row routed to its slot's), then the txid and slot columns (their defaults
-# computed per row) with the primary key they are part of (an id key instead, as the plain table has).
+# computed per row) with the primary key they are part of: first the slot (a key on (txid, id)), then both (an id
+# key instead, as the plain table has).
 ANATOMY = {
     "unpartitioned": [],
+    "unpartitioned_no_slot": ["ALTER TABLE {t} DROP CONSTRAINT {t}_pkey", "ALTER TABLE {t} DROP COLUMN slot",
+                              "ALTER TABLE {t} ADD PRIMARY KEY (txid, id)"],
     "unpartitioned_no_txid_slot": ["ALTER TABLE {t} DROP COLUMN txid, DROP COLUMN slot, ADD PRIMARY KEY (id)"],
 }
 
