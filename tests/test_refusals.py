@@ -89,6 +89,29 @@ def test_a_database_made_read_only_and_back_is_waited_out_not_an_exit(clean, db_
     assert "level=error" not in output and TOKEN not in output and "Traceback" not in output, output
 
 
+def test_an_idle_worker_sees_a_read_only_database_take_writes_again_without_waiting_for_an_event(
+        clean, db_url, role, sink, workers):
+    """The read-only line and gauge clear only when a write succeeds (a claim that finds nothing succeeds on a
+    read-only database too). If the events that showed the read-only state went another way (here removed, as
+    another worker on the new primary would have delivered them), the outbox idles: the idle worker's word that it
+    waits (fp_outbox_listening) is a write, and its success says the database takes writes again."""
+    with clean.begin() as conn:
+        conn.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"'))
+        conn.execute(text(f'GRANT SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
+    worker = workers(db_url.set(username=role), sink.url, "--startup-timeout", "5", "--poll-interval", "0.2")
+    with clean.begin() as conn:
+        conn.execute(text(f'ALTER ROLE "{role}" SET default_transaction_read_only = on'))
+    _terminate_sessions_of(clean, role)
+    _with_events(clean, 1)
+    assert wait_until(lambda: _lines(worker.output(), "the database is read-only"), 30), worker.output()
+    with clean.begin() as conn:
+        conn.execute(text("TRUNCATE fp_outbox_events"))
+        conn.execute(text(f'ALTER ROLE "{role}" RESET default_transaction_read_only'))
+    _terminate_sessions_of(clean, role)
+    assert wait_until(lambda: _lines(worker.output(), "the database accepts writes again"), 20), worker.output()
+    assert len(sink.accepted()) == 0 and worker.proc.poll() is None, worker.output()
+
+
 def test_the_admin_command_stops_on_a_read_only_database_with_exit_3(clean, db_url, role, capsys):
     from tests.conftest import url_string
 

@@ -124,7 +124,9 @@ class Worker:
             return False
         else:
             poll = self.settings.poll_interval.total_seconds()
-            if not (self._listener.delivers() and self._idle.say(poll)):  # said just now: claim once more first
+            if self._listener.delivers() and self._idle.say(poll):  # said just now: claim once more first
+                self.health.ok()  # saying it wrote: a read-only database takes writes again
+            else:
                 self._listener.wait(poll)
         return True
 
