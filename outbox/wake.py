@@ -52,6 +52,9 @@ WAKE_SQL = "SELECT fp_outbox_wake()"
 #: The wake-up on a schema before 0009, which has no fp_outbox_wake().
 UNCONDITIONAL_WAKE_SQL = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 UNDEFINED_FUNCTION = "42883"
+#: Once an engine's database had no fp_outbox_wake(), its wake-ups are the NOTIFY for this long before it is tried
+#: again: not a failing statement (and an error in the server's log) at every wake-up until `fp-outbox migrate`.
+RETRY_WAKE_FUNCTION_AFTER = 60.0
 
 _PENDING = "fp_outbox_wake_pending"  # session.info / connection.info: this transaction enqueued
 _WAKE_UP = "fp_outbox_wake_up"  # session.info: how to wake this session's engine, once listening
@@ -265,30 +268,40 @@ def _never_fail(wake_up: Callable[..., None], *args: float) -> None:
 
 # -- sending -------------------------------------------------------------------------------------
 
+_plain_notify_until: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
+
+
 def _notify(engine: Engine) -> None:
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        sql = _wake_sql(engine)
         try:
-            conn.exec_driver_sql(WAKE_SQL)
+            conn.exec_driver_sql(sql)
         except DBAPIError as exc:
-            if _sqlstate(exc) != UNDEFINED_FUNCTION:
-                raise
+            _no_wake_function(engine, sql, exc)
             conn.exec_driver_sql(UNCONDITIONAL_WAKE_SQL)
 
 
 async def _notify_async(async_engine: Any) -> None:
     async with async_engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        sql = _wake_sql(async_engine.sync_engine)
         try:
-            await conn.exec_driver_sql(WAKE_SQL)
+            await conn.exec_driver_sql(sql)
         except DBAPIError as exc:
-            if _sqlstate(exc) != UNDEFINED_FUNCTION:
-                raise
+            _no_wake_function(async_engine.sync_engine, sql, exc)
             await conn.exec_driver_sql(UNCONDITIONAL_WAKE_SQL)
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    return getattr(getattr(exc, "orig", exc), "sqlstate", None)
+def _wake_sql(engine: Engine) -> str:
+    return UNCONDITIONAL_WAKE_SQL if _plain_notify_until.get(engine, 0.0) > time.monotonic() else WAKE_SQL
+
+
+def _no_wake_function(engine: Engine, sql: str, exc: DBAPIError) -> None:
+    """Re-raise `exc` unless it says the schema has no fp_outbox_wake(); if it does, notify plainly for a while."""
+    if sql != WAKE_SQL or getattr(exc.orig, "sqlstate", None) != UNDEFINED_FUNCTION:
+        raise exc
+    _plain_notify_until[engine] = time.monotonic() + RETRY_WAKE_FUNCTION_AFTER
 
 
 def _log_once(failing: bool, exc: Exception) -> bool:

@@ -444,8 +444,8 @@ def _flag_ahead_s(engine) -> float:
 
 def test_an_idle_worker_says_it_listens_for_three_waits_and_again_before_that_runs_out(fresh_engine, db_url):
     """Said for three waits and two half-second margins ahead, then not again while more than a wait and a margin is
-    left (the worker then just waits), and again when less is; each saying asks for one more claim. Two workers: the later moment stays
-    (never lowered), so one going idle cannot silence another's wake-ups."""
+    left (the worker then just waits), and again when less is; each saying asks for one more claim. Two workers: the
+    later moment stays (never lowered), so one going idle cannot silence another's wake-ups."""
     from worker.engine.idleflag import IdleFlag
 
     set_idle_flag(db_url, None)
