@@ -61,7 +61,8 @@ def test_every_panel_query_returns_data_from_a_real_worker(clean, db_url, sink, 
     port = free_port()
     proc = workers(db_url, sink.url, "--metrics-port", str(port), "--inline-attempts", "1", "--retry-base", "0.5",
                    "--retry-cap", "1", "--poll-interval", "0.2", "--rate-limit", "200")
-    with running(tmp_path, [f"127.0.0.1:{port}"]) as prometheus:
+    # Scraped every half second: the 21 samples every window needs (below) take 10 s, not 21.
+    with running(tmp_path, [f"127.0.0.1:{port}"], scrape_interval="500ms") as prometheus:
         def scraped(expr: str) -> bool:
             return (prometheus.value(expr) or 0) > 0
 
