@@ -52,8 +52,9 @@ WAKE_SQL = "SELECT fp_outbox_wake()"
 #: The wake-up on a schema before 0009, which has no fp_outbox_wake().
 UNCONDITIONAL_WAKE_SQL = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 UNDEFINED_FUNCTION = "42883"
-#: Once an engine's database had no fp_outbox_wake(), its wake-ups are the NOTIFY for this long before it is tried
-#: again: not a failing statement (and an error in the server's log) at every wake-up until `fp-outbox migrate`.
+#: Once an engine's (or a psycopg connection's) database had no fp_outbox_wake(), its wake-ups are the NOTIFY for this
+#: long before it is tried again: not a failing statement (and an error in the server's log) at every wake-up until
+#: `fp-outbox migrate`.
 RETRY_WAKE_FUNCTION_AFTER = 60.0
 
 _PENDING = "fp_outbox_wake_pending"  # session.info / connection.info: this transaction enqueued
@@ -268,7 +269,8 @@ def _never_fail(wake_up: Callable[..., None], *args: float) -> None:
 
 # -- sending -------------------------------------------------------------------------------------
 
-_plain_notify_until: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
+# Per engine, or per psycopg connection for wake_workers: until when its wake-ups are the plain NOTIFY.
+_plain_notify_until: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
 def _notify(engine: Engine) -> None:
@@ -293,15 +295,21 @@ async def _notify_async(async_engine: Any) -> None:
             await conn.exec_driver_sql(UNCONDITIONAL_WAKE_SQL)
 
 
-def _wake_sql(engine: Engine) -> str:
-    return UNCONDITIONAL_WAKE_SQL if _plain_notify_until.get(engine, 0.0) > time.monotonic() else WAKE_SQL
+def _wake_sql(sender: Any) -> str:
+    """The wake-up `sender` (an engine, or a psycopg connection) sends now."""
+    return UNCONDITIONAL_WAKE_SQL if _plain_notify_until.get(sender, 0.0) > time.monotonic() else WAKE_SQL
+
+
+def _plain_notify_for_a_while(sender: Any) -> None:
+    """`sender`'s database has no fp_outbox_wake(): its wake-ups are the NOTIFY until the function is tried again."""
+    _plain_notify_until[sender] = time.monotonic() + RETRY_WAKE_FUNCTION_AFTER
 
 
 def _no_wake_function(engine: Engine, sql: str, exc: DBAPIError) -> None:
     """Re-raise `exc` unless it says the schema has no fp_outbox_wake(); if it does, notify plainly for a while."""
     if sql != WAKE_SQL or getattr(exc.orig, "sqlstate", None) != UNDEFINED_FUNCTION:
         raise exc
-    _plain_notify_until[engine] = time.monotonic() + RETRY_WAKE_FUNCTION_AFTER
+    _plain_notify_for_a_while(engine)
 
 
 def _log_once(failing: bool, exc: Exception) -> bool:
@@ -326,8 +334,9 @@ def wake_workers(conn: Any) -> None:
     try:
         conn.autocommit = True  # a transaction of its own, never the caller's
         try:
-            conn.execute(WAKE_SQL)
+            conn.execute(_wake_sql(conn))
         except psycopg.errors.UndefinedFunction:
+            _plain_notify_for_a_while(conn)
             conn.execute(UNCONDITIONAL_WAKE_SQL)
         finally:
             conn.autocommit = autocommit
@@ -342,8 +351,9 @@ async def wake_workers_async(conn: Any) -> None:
     try:
         await conn.set_autocommit(True)
         try:
-            await conn.execute(WAKE_SQL)
+            await conn.execute(_wake_sql(conn))
         except psycopg.errors.UndefinedFunction:
+            _plain_notify_for_a_while(conn)
             await conn.execute(UNCONDITIONAL_WAKE_SQL)
         finally:
             await conn.set_autocommit(autocommit)

@@ -435,6 +435,48 @@ def test_before_the_schema_has_fp_outbox_wake_the_wake_up_is_the_notify_itself(s
         drop_database(server_url, url)
 
 
+def test_on_a_schema_without_fp_outbox_wake_a_psycopg_connection_tries_it_once_a_minute_not_at_every_call(
+        server_url, tmp_path):
+    """wake_workers on a schema before 0009: the first call finds no fp_outbox_wake() and notifies plainly; the
+    calls after it on that connection notify plainly at once, for RETRY_WAKE_FUNCTION_AFTER, instead of sending the
+    failing statement first each time (an ERROR in the server's log and a round trip more per business
+    transaction). Counted in what libpq received (its trace: the server's errors), the same for the async
+    connection: one failure for each connection, not one at each of its calls."""
+    from alembic import command
+
+    from outbox.db import alembic_config
+    from tests.conftest import create_database, drop_database
+
+    url = create_database(server_url)
+    try:
+        command.upgrade(alembic_config(url), "0008")
+        trace = tmp_path / "libpq.trace"
+        with psycopg.connect(conninfo(url), autocommit=True) as listening, open(trace, "w") as traced:
+            listening.execute(f"LISTEN {wake.NOTIFY_CHANNEL}")
+            with psycopg.connect(conninfo(url)) as conn:
+                conn.pgconn.trace(traced.fileno())
+                for _ in range(3):
+                    outbox.enqueue(conn, purchase())
+                    conn.commit()
+                    outbox.wake_workers(conn)
+                conn.pgconn.untrace()
+            assert len(list(listening.notifies(timeout=5, stop_after=3))) == 3  # every call woke the listeners
+
+            async def calls() -> None:
+                async with await psycopg.AsyncConnection.connect(conninfo(url)) as aconn:
+                    aconn.pgconn.trace(traced.fileno())
+                    for _ in range(3):
+                        await outbox.wake_workers_async(aconn)
+                    aconn.pgconn.untrace()
+
+            asyncio.run(calls())
+            assert len(list(listening.notifies(timeout=5, stop_after=3))) == 3
+        failed = [line for line in trace.read_text().splitlines() if "ErrorResponse" in line]
+        assert len(failed) == 2 and all("fp_outbox_wake() does not exist" in line for line in failed), failed
+    finally:
+        drop_database(server_url, url)
+
+
 def _flag_ahead_s(engine) -> float:
     """How far ahead the moment some worker said it listens until lies, in seconds (negative: past)."""
     with engine.connect() as conn:
