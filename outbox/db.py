@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
@@ -96,6 +96,9 @@ def upgrade(url: URL, revision: str = "head") -> str | None:
     command.upgrade(alembic_config(url), revision)
     engine = make_engine(url, poolclass=NullPool)
     try:
+        with engine.begin() as conn:  # from 0010: the previous storage's table goes once the workers emptied it
+            if conn.execute(text("SELECT to_regprocedure('fp_outbox_drop_legacy_if_empty()') IS NOT NULL")).scalar():
+                conn.execute(text("SELECT fp_outbox_drop_legacy_if_empty()"))
         with engine.connect() as conn:
             return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
     finally:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
 
 from outbox.db import make_engine, upgrade
+from outbox.schema import SCHEMA_REVISION
 from tests.conftest import create_database, drop_database
 from tests.storage import claim_fresh, states
 from worker.engine import status_counts
@@ -115,7 +117,43 @@ def test_a_live_lease_waits_for_its_expiry_and_the_end_is_said_once(upgraded, ca
         retention.run()
     assert [r.getMessage() for r in caplog.records].count(
         "legacy table empty: fp_outbox_events_legacy holds no rows of the previous release any more "
-        "(a later release's migration drops it)") == 1
+        "(`fp-outbox migrate` drops it, from 0.5.0 on)") == 1
+
+
+def test_migrate_drops_the_legacy_table_once_the_workers_emptied_it_and_the_views_keep_their_grants(upgraded):
+    """0010 contracts 0007's expand: `migrate` on a legacy table that still holds rows keeps it (the upgrade above
+    did); once the workers moved and purged every row, the next `migrate` drops it, and the operator's views, whose
+    legacy branches it takes out, answer as before and keep the grants they had."""
+    engine, ids = upgraded
+    role = f"fpo_view_reader_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT to_regclass('fp_outbox_events_legacy') IS NOT NULL")).scalar_one()
+        conn.execute(text(f"CREATE ROLE {role}"))
+        conn.execute(text(f"GRANT SELECT ON fp_outbox_lag, fp_outbox_event_states TO {role}"))
+    try:
+        retention = Retention(engine, timedelta(days=7), None)
+        retention.run()
+        with engine.begin() as conn:  # the old worker never came back; time passes
+            conn.execute(text("UPDATE fp_outbox_events_legacy SET lease_until = now() - interval '1 second',"
+                              " delivered_at = delivered_at - interval '7 days'"))
+        retention.run()
+        before = states(engine)
+        assert upgrade(engine.url) == SCHEMA_REVISION
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT to_regclass('fp_outbox_events_legacy') IS NULL")).scalar_one()
+            for view in ("fp_outbox_lag", "fp_outbox_event_states"):
+                assert conn.execute(text("SELECT has_table_privilege(:r, :v, 'SELECT')"),
+                                    {"r": role, "v": view}).scalar_one(), view
+            assert "legacy" not in conn.execute(text("SELECT string_agg(pg_get_viewdef(c.oid), '') FROM pg_class c"
+                                                     " WHERE c.relkind = 'v' AND c.relname LIKE 'fp_outbox_%'")
+                                                ).scalar_one()
+        assert states(engine) == before and before[ids["p-new"]] == "pending"
+        assert status_counts(engine)["pending"] >= 1
+        assert upgrade(engine.url) == SCHEMA_REVISION  # and again: nothing left to do
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))
 
 
 def test_with_retention_off_the_delivered_rows_wait_for_a_purge(upgraded):

@@ -1,8 +1,9 @@
 """The legacy mover: after the upgrade to the insert-only storage (migration 0007), the previous release's table is
 fp_outbox_events_legacy, and the workers move what it still holds, a short transaction per batch, beside their
 retention: pending rows and expired leases become events again (same id, insert_id, payload and created_at), dead
-rows dead letters, and delivered rows are deleted once past --retain-delivered. A later release's migration drops
-the table (0.3.0's leaves it: it holds delivered rows until their retention ends, a week by default)."""
+rows dead letters, and delivered rows are deleted once past --retain-delivered. Once it is empty, `fp-outbox migrate`
+drops it (0010's fp_outbox_drop_legacy_if_empty(); it holds delivered rows until their retention ends, a week by
+default)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class LegacyMover:
         self.done = True
         if present:
             event(log, logging.INFO, "legacy table empty: fp_outbox_events_legacy holds no rows of the previous "
-                  "release any more (a later release's migration drops it)")
+                  "release any more (`fp-outbox migrate` drops it, from 0.5.0 on)")
         return False
 
 

@@ -316,7 +316,7 @@ QUEUE_DEPTH = text(f"""
     SELECT {_QUEUE_FIGURES}
     """)
 
-# While the previous release's table is there (after an upgrade, until the next release drops it), what it still
+# While the previous release's table is there (after an upgrade, until `migrate` drops it empty), what it still
 # holds counts too: its unfinished and dead rows from its partial indexes; its delivered ones read the table, so
 # only `status` counts them. The mover (worker.engine.legacy) empties it of all but the delivered within minutes.
 LEGACY_PRESENT = text("SELECT to_regclass('fp_outbox_events_legacy') IS NOT NULL AS present")
@@ -445,8 +445,8 @@ PURGE_DEAD_BATCH = text(
 
 # ---------------------------------------------------------------- the legacy mover (worker.engine.legacy)
 # After the upgrade to 0007 the previous release's table is fp_outbox_events_legacy; the workers move what it still
-# holds into the new storage, a short transaction per batch (SKIP LOCKED: any number of workers at once), and the
-# next release's migration drops it. Its trace_context column (revision 0005) is read through the row's JSON, so
+# holds into the new storage, a short transaction per batch (SKIP LOCKED: any number of workers at once);
+# `fp-outbox migrate` drops it once empty (0010). Its trace_context column (revision 0005) is read through the row's JSON, so
 # the statements work whichever revision it was made by.
 
 LEGACY_ANY = text("SELECT EXISTS (SELECT 1 FROM fp_outbox_events_legacy) AS any")
