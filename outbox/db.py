@@ -96,10 +96,10 @@ def upgrade(url: URL, revision: str = "head") -> str | None:
     command.upgrade(alembic_config(url), revision)
     engine = make_engine(url, poolclass=NullPool)
     try:
-        with engine.begin() as conn:  # from 0010: the previous storage's table goes once the workers emptied it
+        with engine.begin() as conn:
+            # From 0010 on: the previous storage's table goes at the first migrate after the workers emptied it.
             if conn.execute(text("SELECT to_regprocedure('fp_outbox_drop_legacy_if_empty()') IS NOT NULL")).scalar():
                 conn.execute(text("SELECT fp_outbox_drop_legacy_if_empty()"))
-        with engine.connect() as conn:
             return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
     finally:
         engine.dispose()
