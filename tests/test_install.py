@@ -57,3 +57,13 @@ def test_migrate_from_an_installed_wheel_outside_the_repository(tmp_path, server
         engine.dispose()
     finally:
         drop_database(server_url, url)
+
+
+def test_the_version_the_worker_sends_is_the_installed_release():
+    """outbox.__version__ names the release in the worker's User-Agent (`fp-outbox/<version>`) and its traces: it is
+    the version pyproject.toml gives the distribution, not one left behind by an earlier release."""
+    from importlib.metadata import version
+
+    import outbox
+
+    assert outbox.__version__ == version("fp-outbox")
