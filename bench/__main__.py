@@ -32,6 +32,7 @@ from bench.horizon import bench_horizon
 from bench.recovery import bench_recovery
 from bench.wal import bench_wal
 from outbox.db import make_engine, normalise_url, upgrade
+from outbox.wake import BUSY_WAKE_INTERVAL
 from worker.devtools.sink import Sink
 
 
@@ -286,7 +287,11 @@ def main() -> int:
     parser.add_argument("--churn-retain", default="5m", help="churn: the worker's --retain-delivered")
     parser.add_argument("--wal-events", type=int, default=5000, help="wal: events enqueued, each its own transaction")
     parser.add_argument("--app-processes", type=int, default=8,
-                        help="concurrency: application processes sending wake-ups (each at most 1/WAKE_INTERVAL)")
+                        help="concurrency: application processes sending wake-ups (each at most 1/WAKE_INTERVAL "
+                             "while a worker idles, 1/BUSY_WAKE_INTERVAL while every worker is busy)")
+    parser.add_argument("--wake-interval-busy", type=float, default=BUSY_WAKE_INTERVAL,
+                        help="concurrency: seconds between one process's wake-ups while every worker is busy "
+                             "(the same rounds also run them spaced by WAKE_INTERVAL, as before 0.6.0)")
     parser.add_argument("--protocol", choices=["extended", "prepared"], default="extended",
                         help="concurrency: pgbench's query mode for the business transactions and the wake-ups")
     parser.add_argument("--anatomy", action="store_true",

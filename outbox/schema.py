@@ -37,7 +37,7 @@ STATUSES = ("pending", "in_flight", "delivered", "dead")
 SLOTS = 16
 
 #: The Alembic revision this release's schema is at, and so what its worker understands.
-SCHEMA_REVISION = "0010"
+SCHEMA_REVISION = "0011"
 
 
 class Xid8(UserDefinedType):

@@ -3,10 +3,11 @@
 A NOTIFY inside the business transaction makes PostgreSQL take one cluster-wide lock at that
 transaction's commit, held through the commit's flush, so every enqueuing transaction on the server
 would commit one at a time. `enqueue` therefore writes a plain INSERT, and the wake-up is sent afterwards, on a
-connection of its own: `SELECT fp_outbox_wake()` (migration 0009), which NOTIFYs only while the moment an idle
-worker said it listens until (fp_outbox_listening) lies ahead, and otherwise reads one row. Busy workers claim
-again on their own; a NOTIFY for them would be a transaction with its own commit and flush, and a signal to every
-listener. On a schema before 0009 (the application upgraded before `fp-outbox migrate`) it is the NOTIFY itself.
+connection of its own: `SELECT fp_outbox_wake_if_idle()` (migration 0011), which NOTIFYs only while the moment an
+idle worker said it listens until (fp_outbox_listening) lies ahead, otherwise reads one row, and says which it did.
+Busy workers claim again on their own; a NOTIFY for them would be a transaction with its own commit and flush, and a
+signal to every listener. On a schema before 0011 (the application upgraded before `fp-outbox migrate`) it is 0009's
+fp_outbox_wake(), which does the same without saying so, and before 0009 the NOTIFY itself.
 
 - SQLAlchemy `Session` / `AsyncSession`: from an `after_commit` listener, once the commit is done.
 - SQLAlchemy `Connection` / `AsyncConnection`: their only hook, `ConnectionEvents.commit`, fires just
@@ -16,7 +17,9 @@ listener. On a schema before 0009 (the application upgraded before `fp-outbox mi
   after the commit.
 
 Per engine and process, the first wake-up goes at once, then at most one per `WAKE_INTERVAL`, with a
-trailing one for anything committed meanwhile: a burst of commits costs a few notifications, not one each.
+trailing one for anything committed meanwhile: a burst of commits costs a few notifications, not one each. A wake-up
+that found every worker busy spaces the next by `BUSY_WAKE_INTERVAL` instead (a commit meanwhile is still woken for,
+at its end): through a busy spell a process checks four times a second, not forty.
 Waking is best effort and never blocks or fails the caller: the workers poll anyway.
 """
 
@@ -43,18 +46,26 @@ from outbox.schema import NOTIFY_CHANNEL
 
 #: At most one wake-up per engine per process in this many seconds.
 WAKE_INTERVAL = 0.025
+#: ...and in this many, after a wake-up that found every worker busy: the most a commit then waits for its wake-up,
+#: should a worker go idle meanwhile (busy workers claim it on their own).
+BUSY_WAKE_INTERVAL = 0.25
 #: Seconds a wake-up for a Connection waits: its commit event fires before the commit itself.
 COMMIT_GRACE = 0.010
 #: A waker thread with nothing to do for this long ends; the next commit starts another.
 IDLE_EXIT = 60.0
 
-WAKE_SQL = "SELECT fp_outbox_wake()"
-#: The wake-up on a schema before 0009, which has no fp_outbox_wake().
+#: The wake-up: true when it notified (a worker idles), false when every worker is busy.
+WAKE_SQL = "SELECT fp_outbox_wake_if_idle()"
+#: On a schema before 0011: the same, saying nothing (void).
+WAKE_SQL_0009 = "SELECT fp_outbox_wake()"
+#: On a schema before 0009, which has neither function.
 UNCONDITIONAL_WAKE_SQL = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+#: Each wake-up, newest schema first: the next is what a schema without the one before it takes.
+WAKE_LADDER = (WAKE_SQL, WAKE_SQL_0009, UNCONDITIONAL_WAKE_SQL)
 UNDEFINED_FUNCTION = "42883"
-#: Once an engine's (or a psycopg connection's) database had no fp_outbox_wake(), its wake-ups are the NOTIFY for this
-#: long before it is tried again: not a failing statement (and an error in the server's log) at every wake-up until
-#: `fp-outbox migrate`.
+#: Once an engine's (or a psycopg connection's) database lacked a wake-up function, its wake-ups start further down
+#: WAKE_LADDER for this long before the function is tried again: not a failing statement (and an error in the
+#: server's log) at every wake-up until `fp-outbox migrate`.
 RETRY_WAKE_FUNCTION_AFTER = 60.0
 
 _PENDING = "fp_outbox_wake_pending"  # session.info / connection.info: this transaction enqueued
@@ -117,10 +128,13 @@ class Waker:
             if engine is None:
                 return
             try:
-                _notify(engine)
+                idle = _notify(engine)
                 self._failing = False
             except Exception as exc:  # best effort: the workers poll anyway
                 self._failing = _log_once(self._failing, exc)
+                continue
+            with self._cond:
+                self._debounce.interval = _next_interval(idle)
 
     def _wait_for_send(self) -> bool:
         """Block until the next send is due; False (and the thread ends) after IDLE_EXIT of nothing."""
@@ -163,10 +177,12 @@ class AsyncWaker:
             if engine is None:
                 return
             try:
-                await _notify_async(engine)
+                idle = await _notify_async(engine)
                 self._failing = False
             except Exception as exc:  # best effort: the workers poll anyway
                 self._failing = _log_once(self._failing, exc)
+                continue
+            self._debounce.interval = _next_interval(idle)
 
 
 _wakers: weakref.WeakKeyDictionary[Engine, Waker] = weakref.WeakKeyDictionary()
@@ -269,47 +285,52 @@ def _never_fail(wake_up: Callable[..., None], *args: float) -> None:
 
 # -- sending -------------------------------------------------------------------------------------
 
-# Per engine, or per psycopg connection for wake_workers: until when its wake-ups are the plain NOTIFY.
-_plain_notify_until: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+# Per engine, or per psycopg connection for wake_workers: (where on WAKE_LADDER its wake-ups start, until when).
+_ladder_from: weakref.WeakKeyDictionary[Any, tuple[int, float]] = weakref.WeakKeyDictionary()
 
 
-def _notify(engine: Engine) -> None:
+def _next_interval(idle: bool) -> float:
+    """The debounce after a wake-up: spaced out once it found every worker busy (`idle` False)."""
+    return WAKE_INTERVAL if idle else BUSY_WAKE_INTERVAL
+
+
+def _notify(engine: Engine) -> bool:
+    """One wake-up on a connection of `engine`'s; False when it found every worker busy."""
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        sql = _wake_sql(engine)
-        try:
-            conn.exec_driver_sql(sql)
-        except DBAPIError as exc:
-            _no_wake_function(engine, sql, exc)
-            conn.exec_driver_sql(UNCONDITIONAL_WAKE_SQL)
+        for step, sql in _ladder(engine):
+            try:
+                return conn.exec_driver_sql(sql).scalar() is not False
+            except DBAPIError as exc:
+                _no_wake_function(engine, step, exc)
+    return True
 
 
-async def _notify_async(async_engine: Any) -> None:
+async def _notify_async(async_engine: Any) -> bool:
     async with async_engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        sql = _wake_sql(async_engine.sync_engine)
-        try:
-            await conn.exec_driver_sql(sql)
-        except DBAPIError as exc:
-            _no_wake_function(async_engine.sync_engine, sql, exc)
-            await conn.exec_driver_sql(UNCONDITIONAL_WAKE_SQL)
+        for step, sql in _ladder(async_engine.sync_engine):
+            try:
+                return (await conn.exec_driver_sql(sql)).scalar() is not False
+            except DBAPIError as exc:
+                _no_wake_function(async_engine.sync_engine, step, exc)
+    return True
 
 
-def _wake_sql(sender: Any) -> str:
-    """The wake-up `sender` (an engine, or a psycopg connection) sends now."""
-    return UNCONDITIONAL_WAKE_SQL if _plain_notify_until.get(sender, 0.0) > time.monotonic() else WAKE_SQL
+def _ladder(sender: Any) -> list[tuple[int, str]]:
+    """The wake-ups `sender` (an engine, or a psycopg connection) tries now, in order, each with its step."""
+    step, until = _ladder_from.get(sender, (0, 0.0))
+    if until <= time.monotonic():
+        step = 0
+    return list(enumerate(WAKE_LADDER))[step:]
 
 
-def _plain_notify_for_a_while(sender: Any) -> None:
-    """`sender`'s database has no fp_outbox_wake(): its wake-ups are the NOTIFY until the function is tried again."""
-    _plain_notify_until[sender] = time.monotonic() + RETRY_WAKE_FUNCTION_AFTER
-
-
-def _no_wake_function(engine: Engine, sql: str, exc: DBAPIError) -> None:
-    """Re-raise `exc` unless it says the schema has no fp_outbox_wake(); if it does, notify plainly for a while."""
-    if sql != WAKE_SQL or getattr(exc.orig, "sqlstate", None) != UNDEFINED_FUNCTION:
+def _no_wake_function(sender: Any, step: int, exc: Exception) -> None:
+    """Re-raise `exc` unless it says the schema lacks this step's function; if it does, start a step further down
+    for a while."""
+    if getattr(getattr(exc, "orig", exc), "sqlstate", None) != UNDEFINED_FUNCTION or step + 1 >= len(WAKE_LADDER):
         raise exc
-    _plain_notify_for_a_while(engine)
+    _ladder_from[sender] = (step + 1, time.monotonic() + RETRY_WAKE_FUNCTION_AFTER)
 
 
 def _log_once(failing: bool, exc: Exception) -> bool:
@@ -334,10 +355,12 @@ def wake_workers(conn: Any) -> None:
     try:
         conn.autocommit = True  # a transaction of its own, never the caller's
         try:
-            conn.execute(_wake_sql(conn))
-        except psycopg.errors.UndefinedFunction:
-            _plain_notify_for_a_while(conn)
-            conn.execute(UNCONDITIONAL_WAKE_SQL)
+            for step, sql in _ladder(conn):
+                try:
+                    conn.execute(sql)
+                    break
+                except psycopg.errors.UndefinedFunction as exc:
+                    _no_wake_function(conn, step, exc)
         finally:
             conn.autocommit = autocommit
     except psycopg.Error as exc:
@@ -351,10 +374,12 @@ async def wake_workers_async(conn: Any) -> None:
     try:
         await conn.set_autocommit(True)
         try:
-            await conn.execute(_wake_sql(conn))
-        except psycopg.errors.UndefinedFunction:
-            _plain_notify_for_a_while(conn)
-            await conn.execute(UNCONDITIONAL_WAKE_SQL)
+            for step, sql in _ladder(conn):
+                try:
+                    await conn.execute(sql)
+                    break
+                except psycopg.errors.UndefinedFunction as exc:
+                    _no_wake_function(conn, step, exc)
         finally:
             await conn.set_autocommit(autocommit)
     except psycopg.Error as exc:

@@ -29,9 +29,9 @@ from tests.conftest import (
 
 # The releases before this one: each its tag, else the commit it was cut from (tags do not always reach a clone).
 # 0.1.0 had the previous storage (0001-0003), 0.2.0 the insert-only one (0007), 0.3.0 its slot default (0008), 0.4.0
-# the slot in one call and the idle flag (0009).
+# the slot in one call and the idle flag (0009), 0.5.0 the legacy table dropped once empty (0010).
 RELEASE_0_1 = ("v0.1.0", "af1df3d")
-RELEASE_0_4 = ("v0.4.0", "e39d0c6")
+RELEASE_0_5 = ("v0.5.0", "4e3f849")
 REPO = Path(__file__).resolve().parent.parent
 MAX_COMMIT_WAIT = 3.0  # seconds: "no commit of the application waits more than a few seconds"
 
@@ -159,11 +159,11 @@ def test_the_previous_release_keeps_enqueueing_through_migrate_and_nothing_is_lo
 
 
 def test_the_last_release_keeps_enqueueing_and_delivering_through_this_migrate(tmp_path, server_url, sink):
-    """The last release, 0.4.0 (schema 0009), to this one: its application and its worker (retention on, which sets
+    """The last release, 0.5.0 (schema 0010), to this one: its application and its worker (retention on, which sets
     the slot period through the database's own function; idle, it says so and waits for wake-ups) keep running
     through `migrate` and after it, beside this release's workers; nothing lost, no commit waits more than a few
     seconds, the old worker never stops."""
-    old_python = _previous_release(tmp_path, RELEASE_0_4)
+    old_python = _previous_release(tmp_path, RELEASE_0_5)
     url = create_database(server_url)
     processes: list[Process] = []
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import multiprocessing
 import threading
 import time
@@ -328,6 +329,62 @@ def test_a_burst_of_commits_costs_few_notifications_and_the_last_one_follows_the
     assert len(listener.arrivals) < commits / 4
 
 
+def _wake_ups_sent(engine) -> list[float]:
+    """When each of `engine`'s wake-ups was sent (time.monotonic()), from now on."""
+    sent: list[float] = []
+    sa_event.listen(engine, "before_cursor_execute", lambda conn, cursor, statement, *args: sent.append(
+        time.monotonic()) if statement == wake.WAKE_SQL else None)
+    return sent
+
+
+def test_while_every_worker_is_busy_a_process_checks_a_few_times_a_second_not_forty(fresh_engine, db_url):
+    """Through a busy spell (an outage's backlog: no worker says it idles) a wake-up finds nobody to wake. Once one
+    says so (fp_outbox_wake_if_idle() returns false), the next comes BUSY_WAKE_INTERVAL later, not WAKE_INTERVAL:
+    about 4 a second from each process instead of 40, each a round trip and a call on the application's server."""
+    set_idle_flag(db_url, None)
+    sent = _wake_ups_sent(fresh_engine)
+    started = time.monotonic()
+    commits = 0
+    with Session(fresh_engine) as session:
+        while time.monotonic() - started < 1.5:
+            outbox.enqueue(session, purchase(n=commits))
+            session.commit()
+            commits += 1
+            time.sleep(0.002)
+    elapsed = time.monotonic() - started
+    time.sleep(wake.BUSY_WAKE_INTERVAL + 0.2)  # the trailing one is in
+    print(f"{commits} commits in {elapsed:.2f} s: {len(sent)} wake-ups")
+    assert commits > 100, "the commits came too slowly to test the debounce"
+    assert 2 <= len(sent) <= elapsed / wake.BUSY_WAKE_INTERVAL + 2, sent
+    assert min(b - a for a, b in itertools.pairwise(sent)) >= wake.BUSY_WAKE_INTERVAL * 0.9, sent
+
+
+def test_a_commit_during_a_busy_spell_still_wakes_a_worker_that_went_idle_meanwhile(fresh_engine, db_url):
+    """The wake-ups are spaced out while every worker is busy, never dropped: a worker that says it idles just after
+    a wake-up found it busy is woken for the next commit within BUSY_WAKE_INTERVAL, not at its next poll."""
+    set_idle_flag(db_url, None)
+    sent = _wake_ups_sent(fresh_engine)
+    listener = Listener(db_url, idle=False)
+    try:
+        with Session(fresh_engine) as session:
+            outbox.enqueue(session, purchase())
+            session.commit()
+        assert wait_until(lambda: sent, 5)
+        time.sleep(0.05)  # that wake-up found every worker busy
+        assert listener.payloads == []
+        set_idle_flag(db_url, 3600)  # now a worker idles
+        with Session(fresh_engine) as session:
+            outbox.enqueue(session, purchase())
+            session.commit()
+        committed = time.monotonic()
+        assert wait_until(lambda: listener.arrivals, 5), "the commit during the busy interval woke nobody"
+        assert listener.arrivals[0] - committed <= wake.BUSY_WAKE_INTERVAL + 0.5
+        assert len(sent) == 2
+    finally:
+        listener.close()
+        set_idle_flag(db_url, None)
+
+
 DEBOUNCE_STEPS = [
     # (action, moment, the next send expected after it)
     ("request", 0.000, 0.000),   # the first goes at once
@@ -406,9 +463,11 @@ def test_wake_workers_async_on_a_psycopg_async_connection(db_url, clean, listene
     assert wait_until(lambda: len(listener.arrivals) == 1, 5)
 
 
-def test_before_the_schema_has_fp_outbox_wake_the_wake_up_is_the_notify_itself(server_url):
-    """An application upgraded before `fp-outbox migrate` reached 0009: there is no fp_outbox_wake() yet, so its
-    wake-ups are the plain NOTIFY, from every kind of handle, and still never fail the caller."""
+@pytest.mark.parametrize("revision", ["0008", "0010"])
+def test_before_the_schema_has_this_release_s_wake_function_the_wake_up_is_the_one_it_has(server_url, revision):
+    """An application upgraded before `fp-outbox migrate`: at 0010 there is no fp_outbox_wake_if_idle() yet, so its
+    wake-ups are 0009's fp_outbox_wake() (which notifies an idle worker all the same); before 0009 they are the plain
+    NOTIFY; from every kind of handle, and they never fail the caller."""
     from alembic import command
 
     from outbox.db import alembic_config
@@ -417,9 +476,11 @@ def test_before_the_schema_has_fp_outbox_wake_the_wake_up_is_the_notify_itself(s
     url = create_database(server_url)
     engine = make_engine(url)
     try:
-        command.upgrade(alembic_config(url), "0008")
+        command.upgrade(alembic_config(url), revision)
         with psycopg.connect(conninfo(url), autocommit=True) as listening:
             listening.execute(f"LISTEN {wake.NOTIFY_CHANNEL}")
+            if revision >= "0009":
+                set_idle_flag(url, 3600)
             with Session(engine) as session:
                 outbox.enqueue(session, purchase())
                 session.commit()
@@ -437,7 +498,8 @@ def test_before_the_schema_has_fp_outbox_wake_the_wake_up_is_the_notify_itself(s
 
 def test_on_a_schema_without_fp_outbox_wake_a_psycopg_connection_tries_it_once_a_minute_not_at_every_call(
         server_url, tmp_path):
-    """wake_workers on a schema before 0009: the first call finds no fp_outbox_wake() and notifies plainly; the
+    """wake_workers on a schema before 0009: the first call finds neither fp_outbox_wake_if_idle() nor
+    fp_outbox_wake() and notifies plainly; the
     calls after it on that connection notify plainly at once, for RETRY_WAKE_FUNCTION_AFTER, instead of sending the
     failing statement first each time (an ERROR in the server's log and a round trip more per business
     transaction). Counted in what libpq received (its trace: the server's errors), the same for the async
@@ -472,7 +534,10 @@ def test_on_a_schema_without_fp_outbox_wake_a_psycopg_connection_tries_it_once_a
             asyncio.run(calls())
             assert len(list(listening.notifies(timeout=5, stop_after=3))) == 3
         failed = [line for line in trace.read_text().splitlines() if "ErrorResponse" in line]
-        assert len(failed) == 2 and all("fp_outbox_wake() does not exist" in line for line in failed), failed
+        # each connection's first call: neither 0011's function nor 0009's, then never again
+        assert len(failed) == 4, failed
+        assert sum("fp_outbox_wake_if_idle() does not exist" in line for line in failed) == 2, failed
+        assert sum("fp_outbox_wake() does not exist" in line for line in failed) == 2, failed
     finally:
         drop_database(server_url, url)
 
