@@ -49,6 +49,9 @@ def _enqueue(engine: Engine, count: int, *, commit: bool = True, name: str = "Pu
 def test_an_application_commits_and_rolls_back_while_two_workers_deliver(clean, bounced_url, app_engine, sink,
                                                                        workers):
     procs = [workers(bounced_url, sink.url, *FAST) for _ in range(2)]
+    # Both have probed LISTEN (1 s through PgBouncer) before the first event: else one may be stopped, the events all
+    # delivered by the other, before its probe has said how it is woken.
+    assert wait_until(lambda: all("wake-up by" in p.output() for p in procs), 30), [p.output() for p in procs]
     committed, rolled_back = [], []
     for turn in range(60):  # one transaction at a time, as requests would: one in five rolls back
         ids = _enqueue(app_engine, 5, commit=turn % 5 != 4, name="Purchase" if turn % 5 != 4 else "RolledBack")
