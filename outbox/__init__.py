@@ -12,4 +12,4 @@ __all__ = [
     "enqueue", "enqueue_many", "identify", "enqueue_async", "enqueue_many_async", "identify_async",
     "wake_workers", "wake_workers_async",
 ]
-__version__ = "0.5.0"  # as pyproject.toml (tests/test_install.py checks)
+__version__ = "0.6.0"  # as pyproject.toml (tests/test_install.py checks)
