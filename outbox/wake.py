@@ -14,7 +14,8 @@ fp_outbox_wake(), which does the same without saying so, and before 0009 the NOT
   before the commit, so the wake-up waits `COMMIT_GRACE` first (a worker that still finds nothing
   picks the event up at its next poll).
 - psycopg connections have no commit hook: call `wake_workers(conn)` (`await wake_workers_async(conn)`)
-  after the commit.
+  after the commit. Not debounced (no thread of its own), but once a call found every worker busy, the calls on
+  that connection send nothing for BUSY_WAKE_INTERVAL: a worker going idle claims again that long after it says so.
 
 Per engine and process, the first wake-up goes at once, then at most one per `WAKE_INTERVAL`, with a
 trailing one for anything committed meanwhile: a burst of commits costs a few notifications, not one each. A wake-up
@@ -343,21 +344,36 @@ def _log_once(failing: bool, exc: Exception) -> bool:
 
 # -- the explicit wake-up for psycopg connections ------------------------------------------------
 
+# Per psycopg connection: until when (time.monotonic()) wake_workers skips its calls, the last one on it having found
+# every worker busy. A worker that says it idles after not listening claims again BUSY_WAKE_INTERVAL later
+# (worker.engine.idleflag), so what a skipped call would have woken it for is found then.
+_busy_until: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def _found_busy(conn: Any, sent_at: float, answer: Any) -> None:
+    """A wake-up sent on `conn` at `sent_at` answered: if it found every worker busy, skip its calls for a while."""
+    if answer is False:
+        _busy_until[conn] = sent_at + BUSY_WAKE_INTERVAL
+
+
 def wake_workers(conn: Any) -> None:
     """Wake idle workers now, on a psycopg `Connection`, after your transaction committed.
 
     psycopg has no commit hook, so call this after `conn.commit()` (or from Django's
     `transaction.on_commit`). Without it, workers find the event at their next poll. Never raises a
-    database error: waking is best effort.
+    database error: waking is best effort. For BUSY_WAKE_INTERVAL after a call that found every worker busy, calls on
+    the same connection send nothing.
     """
     psycopg = _psycopg_for(conn, "Connection", "wake_workers")
-    autocommit = conn.autocommit
+    if _busy_until.get(conn, 0.0) > time.monotonic():
+        return
+    sent_at, autocommit = time.monotonic(), conn.autocommit
     try:
         conn.autocommit = True  # a transaction of its own, never the caller's
         try:
             for step, sql in _ladder(conn):
                 try:
-                    conn.execute(sql)
+                    _found_busy(conn, sent_at, conn.execute(sql).fetchone()[0])
                     break
                 except psycopg.errors.UndefinedFunction as exc:
                     _no_wake_function(conn, step, exc)
@@ -370,13 +386,16 @@ def wake_workers(conn: Any) -> None:
 async def wake_workers_async(conn: Any) -> None:
     """`wake_workers` for a psycopg `AsyncConnection`."""
     psycopg = _psycopg_for(conn, "AsyncConnection", "wake_workers_async")
-    autocommit = conn.autocommit
+    if _busy_until.get(conn, 0.0) > time.monotonic():
+        return
+    sent_at, autocommit = time.monotonic(), conn.autocommit
     try:
         await conn.set_autocommit(True)
         try:
             for step, sql in _ladder(conn):
                 try:
-                    await conn.execute(sql)
+                    row = await (await conn.execute(sql)).fetchone()
+                    _found_busy(conn, sent_at, row[0])
                     break
                 except psycopg.errors.UndefinedFunction as exc:
                     _no_wake_function(conn, step, exc)

@@ -127,7 +127,7 @@ class Worker:
             if self._listener.delivers() and self._idle.say(poll):  # said just now: claim once more first
                 self.health.ok()  # saying it wrote: a read-only database takes writes again
             else:
-                self._listener.wait(poll)
+                self._listener.wait(self._idle.next_wait(poll))
         return True
 
     def _unfinished(self) -> bool:
